@@ -1,0 +1,160 @@
+"""SPARK hyperparameters: the paper's defaults, and documented choices where it is silent.
+
+`SparkConfig` is a frozen dataclass registered as a JAX pytree. Numeric hyperparameters are
+pytree *leaves*: a jitted function taking the config as an argument does not recompile when
+only they change, and they can be vmapped over (the behaviour map sweeps inflation, beta and
+the sharpening exponent in one call). Structural options (modes, iteration caps, the matrix
+power, the number of label columns) are static metadata: changing them recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+
+GlobalMode = Literal["cosine", "inner"]
+Negatives = Literal["clip", "minmax"]
+Propagation = Literal["closed_form", "iterative"]
+Precision = Literal["highest", "high", "default"]
+
+_NUMERIC = (
+    "beta",
+    "inflation",
+    "prune_threshold",
+    "sharpen",
+    "local_eps",
+    "mcl_tol",
+    "gamma",
+    "propagation_tol",
+)
+_STATIC = (
+    "global_mode",
+    "negatives",
+    "use_local",
+    "expansion",
+    "mcl_max_iter",
+    "propagation",
+    "propagation_max_iter",
+    "max_clusters",
+    "matmul_precision",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparkConfig:
+    """Every SPARK hyperparameter.
+
+    Paper values (SPARK, Sec. 3 and 4.1): `beta`, `expansion`, `inflation`, `prune_threshold`.
+    The rest are choices the paper leaves open; each is documented here and in WORKSPACE.md.
+
+    Attributes:
+      beta: weight of the global affinity in the fused transition matrix (Eq. 4). Paper: 0.6.
+      inflation: elementwise power r of the inflation step (Eq. 6). Paper: 2.6 (best on ADE20K).
+      prune_threshold: tau of the pruning step; entries below it are zeroed, but each row's
+        maximum always survives so no row empties. Paper: 1e-7.
+      sharpen: elementwise power applied to the global affinity after negatives are handled.
+        1.0 is Eq. 1 as written; DiffCut sharpens its affinity with 10 (after a min-max rescale).
+      local_eps: epsilon added to the neighbour cosines of Eq. 3. Paper: "eps > 0", unspecified.
+      mcl_tol: stop when ||P_{t+1} - P_t||_inf < mcl_tol (Eq. 8's epsilon, unspecified). 1e-6 is
+        reachable in float32 because the iteration converges quadratically near its fixed point.
+      gamma: the propagation weight of Eq. 10 (unspecified; 0.9 keeps the seeds influential
+        while letting labels flow about ten hops).
+      propagation_tol: stop the fixed-point iteration of Eq. 10 when the max change is below it.
+      global_mode: 'cosine' (Eq. 1 on L2-normalised features, the default: the raw inner product
+        of Eq. 1 is dominated by feature norms) or 'inner' (X X^T on the raw features).
+      negatives: how signed similarities become affinities before RowNorm. 'clip' sets
+        negatives to 0 (the default); 'minmax' rescales the whole matrix to [0, 1] (DiffCut).
+        Negative local cosines (+ eps) are always clipped at 0.
+      use_local: include the local graph (Eq. 3). False is the paper's "global affinity only"
+        ablation (Table 2) and forces beta = 1.
+      expansion: the matrix power l of Eq. 5 (static). Paper: 2.
+      mcl_max_iter: iteration cap of the Markov-flow loop; hitting it reports converged=False.
+      propagation: 'closed_form' solves Eq. 11 with one LU factorisation (default, cheapest
+        with many label columns); 'iterative' runs Eq. 10 to its fixed point.
+      propagation_max_iter: cap of the iterative propagation.
+      max_clusters: number of label columns kept for propagation (static). None keeps one
+        column per token (exact for any number of clusters). With a bound M, the M largest
+        clusters seed propagation and tokens of smaller clusters start unlabelled (they take
+        labels by propagation); `SegmentResult.num_clusters` still reports the MCL count.
+      matmul_precision: precision of the dense matmuls. 'highest' keeps float32 accuracy on
+        TPUs/GPUs, whose default precision is bfloat16-like and perturbs the MCL fixed point.
+    """
+
+    beta: float = 0.6
+    inflation: float = 2.6
+    prune_threshold: float = 1e-7
+    sharpen: float = 1.0
+    local_eps: float = 1e-3
+    mcl_tol: float = 1e-6
+    gamma: float = 0.9
+    propagation_tol: float = 1e-6
+    global_mode: GlobalMode = "cosine"
+    negatives: Negatives = "clip"
+    use_local: bool = True
+    expansion: int = 2
+    mcl_max_iter: int = 100
+    propagation: Propagation = "closed_form"
+    propagation_max_iter: int = 1000
+    max_clusters: int | None = None
+    matmul_precision: Precision = "highest"
+
+    def __post_init__(self):
+        # Only static fields are validated: numeric ones may be tracers inside jit/vmap.
+        if self.global_mode not in ("cosine", "inner"):
+            raise ValueError(f"global_mode must be 'cosine' or 'inner', got {self.global_mode!r}")
+        if self.negatives not in ("clip", "minmax"):
+            raise ValueError(f"negatives must be 'clip' or 'minmax', got {self.negatives!r}")
+        if self.propagation not in ("closed_form", "iterative"):
+            raise ValueError(
+                f"propagation must be 'closed_form' or 'iterative', got {self.propagation!r}"
+            )
+        if self.matmul_precision not in ("highest", "high", "default"):
+            raise ValueError(
+                "matmul_precision must be 'highest', 'high' or 'default', "
+                f"got {self.matmul_precision!r}"
+            )
+        if not isinstance(self.expansion, int) or self.expansion < 1:
+            raise ValueError(f"expansion (the matrix power l) must be an int >= 1, got {self.expansion!r}")
+        for name in ("mcl_max_iter", "propagation_max_iter"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.max_clusters is not None and (
+            not isinstance(self.max_clusters, int) or self.max_clusters < 1
+        ):
+            raise ValueError(f"max_clusters must be None or an int >= 1, got {self.max_clusters!r}")
+
+    def replace(self, **changes) -> SparkConfig:
+        return dataclasses.replace(self, **changes)
+
+    def precision(self) -> jax.lax.Precision:
+        return {
+            "highest": jax.lax.Precision.HIGHEST,
+            "high": jax.lax.Precision.HIGH,
+            "default": jax.lax.Precision.DEFAULT,
+        }[self.matmul_precision]
+
+    def check_values(self) -> None:
+        """Validates the numeric fields on the host (call before jit; tracers can't be checked)."""
+        problems = []
+        if not 0.0 <= self.beta <= 1.0:
+            problems.append(f"beta must lie in [0, 1], got {self.beta}")
+        if not self.inflation > 0:
+            problems.append(f"inflation must be > 0 (the paper sweeps 1.5..3.0), got {self.inflation}")
+        if not 0.0 <= self.prune_threshold < 1.0:
+            problems.append(f"prune_threshold must lie in [0, 1), got {self.prune_threshold}")
+        if not self.sharpen > 0:
+            problems.append(f"sharpen must be > 0, got {self.sharpen}")
+        if not self.local_eps >= 0:
+            problems.append(f"local_eps must be >= 0, got {self.local_eps}")
+        if not 0.0 < self.gamma < 1.0:
+            problems.append(f"gamma must lie in (0, 1) (Eq. 10), got {self.gamma}")
+        if not self.mcl_tol > 0 or not self.propagation_tol > 0:
+            problems.append("mcl_tol and propagation_tol must be > 0")
+        if problems:
+            raise ValueError("Invalid SparkConfig: " + "; ".join(problems))
+
+
+jax.tree_util.register_dataclass(SparkConfig, data_fields=list(_NUMERIC), meta_fields=list(_STATIC))

@@ -1,0 +1,138 @@
+"""SPARK on token features: affinity -> Markov-flow clustering -> label propagation.
+
+`segment_tokens` is the whole method at token resolution (Eq. 1-12) as one jittable function;
+`segment_tokens_batch` is its vmap over images. Both take the config as a pytree, so changing a
+numeric hyperparameter (inflation, beta, ...) does not recompile.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spark_jax.affinity import transition_matrix
+from spark_jax.config import SparkConfig
+from spark_jax.markov_flow import extract_clusters, markov_flow
+from spark_jax.propagation import propagate_labels, seed_matrix
+
+
+class SegmentResult(NamedTuple):
+    """SPARK's token-level segmentation and its diagnostics (add a leading batch axis when batched).
+
+    Attributes:
+      labels: int32 [h, w], final labels (Eq. 12): a column index of `soft_labels`, in [0, M).
+        Ids need not be contiguous: a coarse cluster can lose all its tokens in propagation.
+      soft_labels: float32 [h, w, M], the propagated Q* (Eq. 11); M = cfg.max_clusters or h*w.
+        This is what SPARK upsamples bilinearly to the mask size.
+      cluster_labels: int32 [h, w], the coarse Markov-flow clusters (Eq. 9), contiguous 0..K-1.
+      num_clusters: int32 [], K, the number of coarse clusters.
+      num_segments: int32 [], the number of distinct final labels.
+      mcl_iterations: int32 [], iterations of Eq. 8.
+      mcl_converged: bool [], whether Eq. 8 met its tolerance before the cap.
+      propagation_iterations: int32 [], fixed-point iterations of Eq. 10 (0 for the closed form).
+      propagation_converged: bool [].
+      num_nonfinite_tokens: int32 [], tokens whose features held NaN/Inf. They are segmented as
+        zero vectors (no affinity to anything in the cosine mode); callers that must not accept
+        such input should call `check_features` first.
+    """
+
+    labels: jax.Array
+    soft_labels: jax.Array
+    cluster_labels: jax.Array
+    num_clusters: jax.Array
+    num_segments: jax.Array
+    mcl_iterations: jax.Array
+    mcl_converged: jax.Array
+    propagation_iterations: jax.Array
+    propagation_converged: jax.Array
+    num_nonfinite_tokens: jax.Array
+
+
+def num_label_columns(num_tokens: int, cfg: SparkConfig) -> int:
+    """M, the static number of label columns of Q for a grid of `num_tokens` tokens."""
+    return num_tokens if cfg.max_clusters is None else min(cfg.max_clusters, num_tokens)
+
+
+def check_features(features: np.ndarray | jax.Array) -> None:
+    """Host-side validation of token features [..., h, w, C]; raises ValueError on bad input.
+
+    The jitted functions cannot raise on data, so entry points call this before them.
+    """
+    features = np.asarray(features)
+    if features.ndim < 3:
+        raise ValueError(
+            f"token features must have shape [h, w, C] (or [B, h, w, C]), got shape {features.shape}"
+        )
+    if min(features.shape[-3:]) == 0:
+        raise ValueError(f"token features are empty: shape {features.shape}")
+    bad = ~np.all(np.isfinite(features), axis=-1)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"token features hold NaN/Inf in {int(bad.sum())} of {bad.size} tokens (first at index "
+            f"{first}); the backbone produced non-finite values — check the input images and the "
+            "model dtype (float16 overflows are the usual cause; use float32 or bfloat16)."
+        )
+
+
+@jax.jit
+def segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
+    """SPARK at token resolution: features [h, w, C] -> SegmentResult.
+
+    Builds S (Eq. 1-4), runs Markov-flow clustering to P* (Eq. 5-8), reads clusters off P*
+    (Eq. 9), and propagates them over S (Eq. 10-12).
+    """
+    h, w, _ = features.shape
+    n = h * w
+    features = features.astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(features), axis=-1, keepdims=True)
+    features = jnp.where(finite, features, 0.0)
+    if cfg.global_mode == "inner":
+        # RowNorm, clipping, min-max and the power are all invariant to a global positive scale
+        # of X X^T, so scaling X keeps S exact while keeping X X^T finite for large features.
+        scale = jnp.max(jnp.linalg.norm(features, axis=-1))
+        features = features / jnp.where(scale > 0, scale, 1.0)
+
+    s = transition_matrix(features, cfg)
+    flow = markov_flow(
+        s,
+        expansion=cfg.expansion,
+        inflation=cfg.inflation,
+        prune_threshold=cfg.prune_threshold,
+        tol=cfg.mcl_tol,
+        max_iter=cfg.mcl_max_iter,
+        precision=cfg.precision(),
+    )
+    clusters = extract_clusters(flow.flow)
+    m = num_label_columns(n, cfg)
+    prop = propagate_labels(
+        s,
+        seed_matrix(clusters.labels, m),
+        gamma=cfg.gamma,
+        method=cfg.propagation,
+        tol=cfg.propagation_tol,
+        max_iter=cfg.propagation_max_iter,
+        precision=cfg.precision(),
+    )
+    present = jnp.zeros((m,), jnp.int32).at[prop.labels].set(1)
+    return SegmentResult(
+        labels=prop.labels.reshape(h, w),
+        soft_labels=prop.soft_labels.reshape(h, w, m),
+        cluster_labels=clusters.labels.reshape(h, w),
+        num_clusters=clusters.num_clusters,
+        num_segments=jnp.sum(present),
+        mcl_iterations=flow.num_iters,
+        mcl_converged=flow.converged,
+        propagation_iterations=prop.num_iters,
+        propagation_converged=prop.converged,
+        num_nonfinite_tokens=jnp.sum(~finite).astype(jnp.int32),
+    )
+
+
+@jax.jit
+def segment_tokens_batch(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
+    """`segment_tokens` over a batch: features [B, h, w, C] -> SegmentResult with a leading B."""
+    return jax.vmap(segment_tokens, in_axes=(0, None))(features, cfg)
