@@ -72,14 +72,16 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """
     if in_size < 1 or out_size < 1:
         raise ValueError(f"bilinear_matrix needs sizes >= 1; got in_size={in_size}, out_size={out_size}.")
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    # In float32, as torch computes it (opmath of float is float), so floor() lands on the same index.
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    src = np.maximum((dst + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0.0))
+    lo = np.minimum(src.astype(np.int64), in_size - 1)  # src >= 0, so truncation is floor
     hi = np.minimum(lo + 1, in_size - 1)
-    frac = src - lo
-    mat = np.zeros((out_size, in_size), dtype=np.float64)
+    frac = (src - lo.astype(np.float32)).astype(np.float32)
+    mat = np.zeros((out_size, in_size), dtype=np.float32)
     rows = np.arange(out_size)
-    np.add.at(mat, (rows, lo), 1.0 - frac)
+    np.add.at(mat, (rows, lo), np.float32(1.0) - frac)
     np.add.at(mat, (rows, hi), frac)
     return mat.astype(np.float32)
 
