@@ -1,0 +1,447 @@
+"""Loading diffusers checkpoints into the Flax NNX encoders, strictly offline.
+
+A checkpoint is a local diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ...) or a
+snapshot in the Hugging Face cache (``models--owner--name/snapshots/<rev>``). Weights are read from
+safetensors with the numpy backend (fp16 or fp32), converted by ONE explicit key map and cached, so
+the next start reads a single converted file.
+
+The key map (``diffusers_key``) is derived from the module tree, leaf by leaf, with these rules and
+nothing else: the parameter path ``a.b.0.c.kernel`` is the checkpoint key ``a.b.0.c.weight``,
+transposed (Linear ``[out, in] -> [in, out]``, Conv ``OIHW -> HWIO``); ``scale`` is ``weight``;
+``bias`` is ``bias``. Every parameter must be found with its exact shape, and every checkpoint key
+must either be used or belong to a module after the feature point (listed explicitly by
+``UNetEncoderConfig.skipped_checkpoint_prefixes`` and the VAE decoder prefixes). Anything else is an
+error that names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from spark_jax.models.unet_encoder import UNetEncoder, UNetEncoderConfig
+from spark_jax.models.vae_encoder import VAEEncoder, VAEEncoderConfig
+
+# Bump when the conversion rules change: invalidates every cached converted file.
+CONVERSION_VERSION = 1
+_WEIGHTS_NAME = "diffusion_pytorch_model"
+# The VAE decoder and post_quant_conv are not used by feature extraction.
+VAE_SKIPPED_PREFIXES = ("decoder.", "post_quant_conv.")
+# Attention names written by diffusers < 0.14 (still found in some VAE checkpoints).
+VAE_LEGACY_ALIASES = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+
+M = TypeVar("M", bound=nnx.Module)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file is missing, unreadable or does not match the model."""
+
+
+def default_cache_dir() -> Path:
+    """``$SPARK_JAX_CACHE`` or ``~/.cache/spark_jax``."""
+    return Path(os.environ.get("SPARK_JAX_CACHE", Path.home() / ".cache" / "spark_jax")).expanduser()
+
+
+def _hf_hub_cache() -> Path:
+    if "HF_HUB_CACHE" in os.environ:
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if "HF_HOME" in os.environ:
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _is_diffusers_folder(p: Path) -> bool:
+    return (p / "model_index.json").is_file() or (p / "unet" / "config.json").is_file()
+
+
+def _snapshot(repo_dir: Path) -> Path:
+    snapshots = repo_dir / "snapshots"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snap = snapshots / ref.read_text().strip()
+        if snap.is_dir():
+            return snap
+    candidates = sorted(p for p in snapshots.glob("*") if p.is_dir()) if snapshots.is_dir() else []
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise CheckpointError(f"{repo_dir} holds no snapshot; download the model again with huggingface-cli")
+    raise CheckpointError(
+        f"{repo_dir} holds {len(candidates)} snapshots and no refs/main; pass the snapshot folder itself, "
+        f"one of: {', '.join(str(c) for c in candidates)}"
+    )
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike, *, hf_cache_dir: str | os.PathLike | None = None) -> Path:
+    """Finds a diffusers checkpoint folder, never touching the network.
+
+    Args:
+      name_or_path: a diffusers folder, a snapshot or ``models--owner--name`` folder of the Hugging
+        Face cache, or a repo id such as ``segmind/SSD-1B`` looked up in that cache.
+      hf_cache_dir: the hub cache (default ``$HF_HUB_CACHE``, ``$HF_HOME/hub``, ``~/.cache/huggingface/hub``).
+
+    Returns:
+      The folder holding ``unet/``, ``vae/``, ... .
+
+    Raises:
+      CheckpointError: naming what is missing and what to do.
+    """
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if _is_diffusers_folder(p):
+            return p
+        if p.name.startswith("models--"):
+            snap = _snapshot(p)
+            if _is_diffusers_folder(snap):
+                return snap
+            raise CheckpointError(f"snapshot {snap} is not a diffusers pipeline (no model_index.json or unet/)")
+        raise CheckpointError(
+            f"{p} is not a diffusers pipeline folder: it has no model_index.json and no unet/config.json. "
+            "Pass the folder written by `DiffusionPipeline.save_pretrained` or a Hugging Face cache snapshot."
+        )
+    if p.exists():
+        raise CheckpointError(f"{p} is a file; pass the diffusers pipeline folder that contains it")
+    text = str(name_or_path)
+    parts = text.split("/")
+    if len(parts) == 2 and all(parts) and not text.startswith((".", "~")):
+        hub = Path(hf_cache_dir).expanduser() if hf_cache_dir is not None else _hf_hub_cache()
+        repo_dir = hub / f"models--{parts[0]}--{parts[1]}"
+        if repo_dir.is_dir():
+            return resolve_pretrained(repo_dir)
+        raise CheckpointError(
+            f"{text!r} is neither a local folder nor in the Hugging Face cache ({repo_dir} does not exist). "
+            "spark_jax never downloads: fetch it where there is network (`huggingface-cli download "
+            f"{text}`) and pass the folder, or set HF_HUB_CACHE."
+        )
+    raise CheckpointError(f"checkpoint folder {p} does not exist")
+
+
+def read_config(component_dir: Path) -> dict[str, Any]:
+    """Reads ``<component>/config.json`` with a clear error when missing or malformed."""
+    path = Path(component_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing; the checkpoint folder must hold the diffusers layout ({path.parent.name}/config.json)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or re-save the model") from e
+
+
+def weight_files(component_dir: Path, *, variant: str | None = None) -> list[Path]:
+    """The safetensors file(s) of a component, single or sharded.
+
+    Args:
+      component_dir: e.g. ``<root>/unet``.
+      variant: e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``; None prefers the
+        plain file and falls back to the fp16 variant.
+    """
+    component_dir = Path(component_dir)
+    if not component_dir.is_dir():
+        raise CheckpointError(f"{component_dir} does not exist; the checkpoint has no {component_dir.name}/ folder")
+    variants = [variant] if variant is not None else [None, "fp16"]
+    for v in variants:
+        stem = _WEIGHTS_NAME if v is None else f"{_WEIGHTS_NAME}.{v}"
+        single = component_dir / f"{stem}.safetensors"
+        index = component_dir / f"{stem}.safetensors.index.json"
+        if single.exists():
+            return [single]
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+            return [component_dir / s for s in shards]
+    found = sorted(p.name for p in component_dir.iterdir())
+    hint = (
+        " Only PyTorch .bin weights are present: re-save them as safetensors "
+        "(`model.save_pretrained(folder, safe_serialization=True)`)."
+        if any(f.endswith(".bin") for f in found)
+        else ""
+    )
+    want = f"{_WEIGHTS_NAME}{'' if variant is None else '.' + variant}.safetensors"
+    raise CheckpointError(f"no {want} in {component_dir} (found: {found}).{hint}")
+
+
+class _SafetensorsReader:
+    """Lazy reader over one or more safetensors files (numpy backend): keys first, tensors on demand."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = [Path(f) for f in files]
+        self.where: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        for f in self.files:
+            if not f.exists():
+                raise CheckpointError(
+                    f"weights file {f} is missing (a broken Hugging Face cache link?); download the model again"
+                )
+            handle = self._open(f)
+            for k in handle.keys():
+                self.where[k] = f
+
+    def _open(self, f: Path) -> Any:
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="numpy")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(
+                    f"cannot read {f}: {e}. The file is truncated or corrupt; delete it and download it again."
+                ) from e
+        return self._handles[f]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open(self.where[key]).get_slice(key).get_shape())
+
+    def get(self, key: str) -> np.ndarray:
+        f = self.where[key]
+        try:
+            return self._open(f).get_tensor(key)
+        except (SafetensorError, TypeError, ValueError) as e:
+            dtype = self._open(f).get_slice(key).get_dtype()
+            if dtype in ("BF16", "bfloat16"):
+                raise CheckpointError(
+                    f"{f}: {key} is bfloat16, which the numpy reader cannot hold; use the fp16 or fp32 weights"
+                ) from e
+            raise CheckpointError(f"cannot read {key} from {f}: {e}. The file is corrupt; download it again.") from e
+
+
+def diffusers_key(path: Sequence[Any], ndim: int) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """The checkpoint key of a parameter path and the map from the checkpoint array to ours.
+
+    Args:
+      path: NNX parameter path, e.g. ``("down_blocks", 1, "resnets", 0, "conv1", "kernel")``.
+      ndim: rank of our parameter.
+    """
+    *module, leaf = (str(p) for p in path)
+    prefix = ".".join(module)
+    if leaf == "kernel" and ndim == 2:  # Linear: torch [out, in] -> [in, out]
+        return f"{prefix}.weight", lambda w: np.ascontiguousarray(w.T)
+    if leaf == "kernel" and ndim == 4:  # Conv: torch OIHW -> HWIO
+        return f"{prefix}.weight", lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    if leaf == "scale":
+        return f"{prefix}.weight", lambda w: w
+    if leaf == "bias":
+        return f"{prefix}.bias", lambda w: w
+    raise CheckpointError(f"no conversion rule for parameter {'.'.join(map(str, path))} (rank {ndim})")
+
+
+def _flat_params(abstract: nnx.Module) -> dict[tuple[Any, ...], jax.ShapeDtypeStruct]:
+    _, state = nnx.split(abstract)
+    return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def convert_checkpoint(
+    abstract: nnx.Module,
+    files: Sequence[Path],
+    *,
+    skipped_prefixes: Sequence[str] = (),
+    aliases: Mapping[str, str] | None = None,
+) -> dict[tuple[Any, ...], np.ndarray]:
+    """Reads and converts every parameter of ``abstract`` from diffusers safetensors files.
+
+    Args:
+      abstract: the module (shapes only, from ``nnx.eval_shape``).
+      files: safetensors files of the component.
+      skipped_prefixes: key prefixes of modules after the feature point (used by diffusers, not by us).
+      aliases: ``{new_fragment: legacy_fragment}`` spellings accepted when the new key is absent.
+
+    Returns:
+      ``{parameter path: array}`` in the checkpoint's dtype, in our layout.
+
+    Raises:
+      CheckpointError: on missing keys, unused keys, or shape mismatches, naming each.
+    """
+    reader = _SafetensorsReader(files)
+    names = ", ".join(f.name for f in reader.files)
+    params = _flat_params(abstract)
+    plan: dict[tuple[Any, ...], tuple[str, Callable[[np.ndarray], np.ndarray]]] = {}
+    missing, mismatched = [], []
+    for path, spec in params.items():
+        key, transform = diffusers_key(path, len(spec.shape))
+        if key not in reader.where:
+            for new, old in (aliases or {}).items():
+                if new in key and key.replace(new, old) in reader.where:
+                    key = key.replace(new, old)
+                    break
+        if key not in reader.where:
+            missing.append(key)
+            continue
+        got, want = reader.shape(key), _torch_shape(spec.shape, path)
+        if got != want:
+            mismatched.append(f"{key}: checkpoint {got}, model expects {want}")
+            continue
+        plan[path] = (key, transform)
+    used = {key for key, _ in plan.values()}
+    unexpected = sorted(
+        k for k in reader.where if k not in used and not k.startswith(tuple(skipped_prefixes))
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_some(missing)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_some(mismatched)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_some(unexpected)}")
+    if problems:
+        raise CheckpointError(
+            f"{names} does not match the model built from its config.json: " + "; ".join(problems)
+            + ". Check that config.json and the weights come from the same model (and that the model is "
+            "of a supported family)."
+        )
+    return {path: transform(reader.get(key)) for path, (key, transform) in plan.items()}
+
+
+def _torch_shape(shape: Sequence[int], path: Sequence[Any]) -> tuple[int, ...]:
+    """The diffusers (PyTorch) shape of one of our parameters."""
+    if str(path[-1]) == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0])
+    if str(path[-1]) == "kernel" and len(shape) == 4:
+        h, w, i, o = shape
+        return (o, i, h, w)
+    return tuple(shape)
+
+
+def _some(items: Sequence[str], n: int = 8) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _cache_digest(files: Sequence[Path], config_path: Path, params: Mapping[tuple[Any, ...], Any]) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{CONVERSION_VERSION}".encode())
+    h.update(config_path.read_bytes())
+    for f in files:
+        st = Path(f).resolve().stat()
+        h.update(f"{Path(f).name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for path, spec in sorted(params.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        h.update(f"{'/'.join(map(str, path))}:{tuple(spec.shape)}".encode())
+    return h.hexdigest()[:24]
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    return "/".join(map(str, path))
+
+
+def load_converted(
+    factory: Callable[[], M],
+    component_dir: Path,
+    *,
+    variant: str | None = None,
+    dtype: jnp.dtype = jnp.float32,
+    skipped_prefixes: Sequence[str] = (),
+    aliases: Mapping[str, str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> M:
+    """Builds ``factory()`` with weights from ``component_dir``, through the conversion cache.
+
+    The cache file is keyed by the conversion version, ``config.json``'s bytes, each weight file's
+    name, size and mtime, and the parameter shapes; it stores the converted arrays in the
+    checkpoint's own dtype. A stale or damaged cache entry is rebuilt.
+
+    Args:
+      factory: builds the module (called under ``nnx.eval_shape``: no random init is paid).
+      component_dir: e.g. ``<root>/unet``.
+      variant: weight-file variant (``"fp16"``) or None.
+      dtype: parameter dtype of the returned module.
+      skipped_prefixes, aliases: see ``convert_checkpoint``.
+      cache_dir: where converted files go (default ``default_cache_dir()``).
+      use_cache: read and write the cache.
+    """
+    component_dir = Path(component_dir)
+    files = weight_files(component_dir, variant=variant)
+    abstract = nnx.eval_shape(factory)
+    params = _flat_params(abstract)
+    arrays: dict[tuple[Any, ...], np.ndarray] | None = None
+    cache_file = None
+    if use_cache:
+        cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        digest = _cache_digest(files, component_dir / "config.json", params)
+        cache_file = cache_root / "converted" / f"{component_dir.name}-{digest}.safetensors"
+        arrays = _read_cache(cache_file, params)
+    if arrays is None:
+        arrays = convert_checkpoint(abstract, files, skipped_prefixes=skipped_prefixes, aliases=aliases)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            save_file({_path_str(p): a for p, a in arrays.items()}, str(tmp))
+            os.replace(tmp, cache_file)
+    graphdef, state = nnx.split(abstract)
+    nested: dict[Any, Any] = {}
+    for path, arr in arrays.items():
+        node = nested
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = jnp.asarray(arr, dtype=dtype)
+    nnx.replace_by_pure_dict(state, nested)
+    return nnx.merge(graphdef, state)
+
+
+def _read_cache(cache_file: Path, params: Mapping[tuple[Any, ...], Any]) -> dict[tuple[Any, ...], np.ndarray] | None:
+    if not cache_file.is_file():
+        return None
+    try:
+        with safe_open(str(cache_file), framework="numpy") as f:
+            keys = set(f.keys())
+            if keys != {_path_str(p) for p in params}:
+                return None
+            out = {p: f.get_tensor(_path_str(p)) for p in params}
+    except (SafetensorError, OSError):
+        return None  # damaged cache entry: reconvert and overwrite
+    if any(tuple(out[p].shape) != tuple(spec.shape) for p, spec in params.items()):
+        return None
+    return out
+
+
+def load_unet_encoder(
+    root: str | os.PathLike,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    variant: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> tuple[UNetEncoder, UNetEncoderConfig]:
+    """The UNet encoder (to the feature point) of a diffusers checkpoint, with its config.
+
+    Args:
+      root: a pipeline folder, HF-cache snapshot or cached repo id (see ``resolve_pretrained``).
+      dtype: parameter dtype (float32, bfloat16 or float16).
+      variant, cache_dir, use_cache: see ``load_converted``.
+    """
+    folder = resolve_pretrained(root) / "unet"
+    cfg = UNetEncoderConfig.from_diffusers(read_config(folder), source=str(folder / "config.json"))
+    model = load_converted(
+        lambda: UNetEncoder(cfg, rngs=nnx.Rngs(0)), folder, variant=variant, dtype=dtype,
+        skipped_prefixes=cfg.skipped_checkpoint_prefixes(), cache_dir=cache_dir, use_cache=use_cache,
+    )
+    return model, cfg
+
+
+def load_vae_encoder(
+    root: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> tuple[VAEEncoder, VAEEncoderConfig]:
+    """The VAE encoder (float32) of a diffusers checkpoint, with its config."""
+    folder = resolve_pretrained(root) / "vae"
+    cfg = VAEEncoderConfig.from_diffusers(read_config(folder), source=str(folder / "config.json"))
+    model = load_converted(
+        lambda: VAEEncoder(cfg, rngs=nnx.Rngs(0)), folder, variant=variant, dtype=jnp.float32,
+        skipped_prefixes=VAE_SKIPPED_PREFIXES, aliases=VAE_LEGACY_ALIASES, cache_dir=cache_dir,
+        use_cache=use_cache,
+    )
+    return model, cfg
