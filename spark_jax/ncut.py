@@ -195,7 +195,9 @@ def _fiedler_lobpcg(
 
     The smallest eigenpairs of I - B (B = D^-1/2 W D^-1/2) are the largest of B. B's top
     eigenvector is sqrt(d) (eigenvalue 1); deflating it leaves the wanted vector on top. The
-    decoupled outside block gets eigenvalue -2, below B's spectrum [-1, 1].
+    operator is shifted by 2 on the segment, B - u u' + 2 I_S, so its spectrum is [1, 3] on the
+    segment and exactly 0 on the decoupled outside block: JAX's LOBPCG returns NaN on operators
+    with negative eigenvalues in the block it tracks (measured on 2-4 token segments).
     """
     n = w_s.shape[0]
     m = active.astype(w_s.dtype)
@@ -206,10 +208,9 @@ def _fiedler_lobpcg(
     def matvec(x):  # x [N, k]
         bx = jnp.matmul(normalized, x, precision=_HIGHEST)
         bx = bx - u[:, None] * jnp.matmul(u[None, :], x, precision=_HIGHEST)
-        return bx - 2.0 * (1.0 - m)[:, None] * x
+        return bx + 2.0 * m[:, None] * x
 
-    # A fixed start (deterministic results); Rayleigh-Ritz discards the outside block, whose
-    # eigenvalue -2 lies below the whole spectrum of B.
+    # A fixed start, so results are deterministic.
     x0 = jax.random.normal(jax.random.key(0), (n, _LOBPCG_BLOCK), w_s.dtype)
     _, vectors, _ = jax.experimental.sparse.linalg.lobpcg_standard(matvec, x0, m=iterations)
     return vectors[:, 0]
@@ -238,6 +239,11 @@ def best_bipartition(
     Returns:
       The best split (side y > t*), its NCut value and the signed eigenvector y.
     """
+    if eigensolver == "lobpcg" and w.shape[0] <= 5 * _LOBPCG_BLOCK:
+        raise ValueError(
+            f"eigensolver='lobpcg' needs more than {5 * _LOBPCG_BLOCK} tokens, got {w.shape[0]}; "
+            "use eigensolver='eigh' for such small grids"
+        )
     w_s, degree, inv_sqrt = _masked_graph(w, active)
     if eigensolver == "eigh":
         v = _fiedler_eigh(w_s, active, inv_sqrt)

@@ -209,8 +209,9 @@ def test_max_segments_truncates_breadth_first():
     np.testing.assert_array_equal(labels == labels[np.argmax(side)], side)
 
 
-def test_lobpcg_solver_agrees_with_eigh_on_planted_features():
-    features, _ = planted_token_features(1, 16, 16, 32, 0.8)
+@pytest.mark.parametrize("seed,size,noise", [(1, 16, 0.8), (2, 12, 1.2)])
+def test_lobpcg_solver_agrees_with_eigh_on_planted_features(seed, size, noise):
+    features, _ = planted_token_features(seed, size, size, 32, noise)
     exact = recursive_ncut(jnp.asarray(features), NCutConfig())
     fast = recursive_ncut(jnp.asarray(features), NCutConfig(eigensolver="lobpcg"))
     np.testing.assert_array_equal(np.asarray(fast.labels), np.asarray(exact.labels))
@@ -254,5 +255,7 @@ def test_bad_inputs_raise_clear_errors():
         NCutConfig(eigensolver="arpack")
     with pytest.raises(ValueError, match="max_segments"):
         NCutConfig(max_segments=0)
+    with pytest.raises(ValueError, match="lobpcg"):
+        recursive_ncut(jnp.zeros((4, 4, 8)), NCutConfig(eigensolver="lobpcg"))
     with pytest.raises(ValueError, match="tau"):
         NCutConfig(tau=-1.0).check_values()
