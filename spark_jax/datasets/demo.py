@@ -84,7 +84,11 @@ def _shape_mask(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarr
         return np.hypot(yy - cy, xx - cx) <= rng.uniform(0.06, 0.09) * min(h, w)
     if cls == 4:  # triangle
         pts = np.stack([rng.uniform(0.1, 0.9, 3) * h, rng.uniform(0.1, 0.9, 3) * w], axis=1)
-        while abs(np.cross(pts[1] - pts[0], pts[2] - pts[0])) < 0.04 * h * w:  # not a sliver
+        def area2(q):  # twice the triangle's area
+            (ay, ax), (by, bx) = q[1] - q[0], q[2] - q[0]
+            return abs(ay * bx - ax * by)
+
+        while area2(pts) < 0.04 * h * w:  # not a sliver
             pts = np.stack([rng.uniform(0.1, 0.9, 3) * h, rng.uniform(0.1, 0.9, 3) * w], axis=1)
         signs = []
         for i in range(3):

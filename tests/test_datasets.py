@@ -1,0 +1,232 @@
+"""Each reader on a small fixture written in the dataset's real on-disk format."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spark_jax.datasets import DATASETS, DatasetNotFoundError, get_dataset
+from spark_jax.datasets.cityscapes import CITYSCAPES_ID_NAMES, CITYSCAPES_LABEL_SPACE
+from spark_jax.datasets.coco import COARSE_NAMES, COCO_THING_NAMES, FINE_TO_COARSE
+from spark_jax.datasets.demo import DEMO_LABEL_SPACE, DemoDataset, demo_image
+
+H, W = 12, 17
+IGNORE = 255
+
+
+def write_jpg(path, h=H, w=W, seed=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(img).save(path, quality=95)
+
+
+def write_png(path, arr, palette=False):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arr = np.asarray(arr, np.uint8)
+    im = Image.fromarray(arr, mode="L")
+    if palette:  # VOC's annotations are palette PNGs: the pixel values are palette indices
+        im = Image.new("P", (arr.shape[1], arr.shape[0]))
+        im.putpalette([(i * 37) % 256 for i in range(768)])
+        im.putdata(arr.ravel().tolist())
+    im.save(path)
+
+
+def raw_map(values):
+    """A label map whose rows cycle through ``values``."""
+    arr = np.zeros((H, W), np.int64)
+    for r in range(H):
+        arr[r] = values[r % len(values)]
+    return arr
+
+
+# ------------------------------------------------------------------ VOC
+def make_voc(root, ids=("2007_000033", "2007_000042")):
+    base = os.path.join(root, "VOCdevkit", "VOC2012")
+    for k, i in enumerate(ids):
+        write_jpg(os.path.join(base, "JPEGImages", f"{i}.jpg"), seed=k)
+        write_png(os.path.join(base, "SegmentationClass", f"{i}.png"), raw_map([0, 15, 255, 20]), palette=True)
+    os.makedirs(os.path.join(base, "ImageSets", "Segmentation"), exist_ok=True)
+    with open(os.path.join(base, "ImageSets", "Segmentation", "val.txt"), "w") as f:
+        f.write("\n".join(ids) + "\n")
+    return base
+
+
+def test_voc_reads_palette_indices_and_void(tmp_path):
+    make_voc(tmp_path)
+    ds = get_dataset("voc", str(tmp_path))
+    assert len(ds) == 2 and ds.ids == ["2007_000033", "2007_000042"]
+    s = ds[1]
+    assert s.image.dtype == np.uint8 and s.image.shape == (H, W, 3)
+    assert s.label.dtype == np.int32 and s.label.shape == (H, W)
+    assert sorted(np.unique(s.label).tolist()) == [0, 15, 20, IGNORE]
+    assert ds.label_space.class_names[15] == "person" and ds.label_space.background == 0
+    # the VOC2012 folder itself is accepted as --data_dir
+    assert len(get_dataset("voc", os.path.join(tmp_path, "VOCdevkit", "VOC2012"))) == 2
+
+
+def test_voc_incomplete_copy_names_the_missing_files_and_layout(tmp_path):
+    base = make_voc(tmp_path)
+    os.remove(os.path.join(base, "SegmentationClass", "2007_000042.png"))
+    with pytest.raises(DatasetNotFoundError) as err:
+        get_dataset("voc", str(tmp_path))
+    msg = str(err.value)
+    assert "1 listed file(s) are missing" in msg and "2007_000042.png" in msg
+    assert "SegmentationClass/<id>.png" in msg and "host.robots.ox.ac.uk" in msg
+
+
+# ------------------------------------------------------------------ Pascal Context
+def test_context_mmseg_layout(tmp_path):
+    base = os.path.join(tmp_path, "VOCdevkit", "VOC2010")
+    write_jpg(os.path.join(base, "JPEGImages", "2008_000002.jpg"))
+    write_png(os.path.join(base, "SegmentationClassContext", "2008_000002.png"), raw_map([0, 1, 59]))
+    os.makedirs(os.path.join(base, "ImageSets", "SegmentationContext"))
+    with open(os.path.join(base, "ImageSets", "SegmentationContext", "val.txt"), "w") as f:
+        f.write("2008_000002\n")
+    ds = get_dataset("context", str(tmp_path))
+    s = ds[0]
+    assert sorted(np.unique(s.label).tolist()) == [0, 1, 59]
+    names = ds.label_space.class_names
+    assert len(names) == 60 and names[0] == "background" and names[1] == "aeroplane" and names[59] == "wood"
+
+
+# ------------------------------------------------------------------ COCO
+def make_coco(root, ids=("000000000139", "000000000285"), curated_in_root=False):
+    for k, i in enumerate(ids):
+        write_jpg(os.path.join(root, "images", "val2017", f"{i}.jpg"), seed=k)
+        # person (0), sky-other (156 -> sky), unlabeled (255), unused thing id (11, COCO id 12), toothbrush (89)
+        write_png(os.path.join(root, "annotations", "val2017", f"{i}.png"), raw_map([0, 156, 255, 11, 89]))
+    list_dir = root if curated_in_root else os.path.join(root, "curated", "val2017")
+    os.makedirs(list_dir, exist_ok=True)
+    with open(os.path.join(list_dir, "Coco164kFull_Stuff_Coarse_7.txt"), "w") as f:
+        f.write("\n".join(ids) + "\n")
+
+
+def test_coco_stuff27_fine_to_coarse(tmp_path):
+    make_coco(tmp_path)
+    ds = get_dataset("coco_stuff27", str(tmp_path))
+    assert ds.ids == ["000000000139", "000000000285"]
+    label = ds[0].label
+    assert COARSE_NAMES[label[0, 0]] == "person"
+    assert COARSE_NAMES[label[1, 0]] == "sky"
+    assert label[2, 0] == IGNORE
+    assert COARSE_NAMES[label[3, 0]] == "outdoor"  # street sign (unused by COCO 2017) is still an outdoor thing
+    assert COARSE_NAMES[label[4, 0]] == "indoor"  # toothbrush
+    assert len(FINE_TO_COARSE) == 182 and set(FINE_TO_COARSE) == set(range(27))
+
+
+def test_coco_object_things_background_and_void(tmp_path):
+    make_coco(tmp_path, curated_in_root=True)
+    ds = get_dataset("coco_object", str(tmp_path))
+    label = ds[1].label
+    names = ds.label_space.class_names
+    assert len(names) == 81 and ds.label_space.background == 0
+    assert names[label[0, 0]] == "person"
+    assert label[1, 0] == 0  # stuff -> background
+    assert label[2, 0] == IGNORE  # unlabeled -> void
+    assert label[3, 0] == IGNORE  # unused thing id never occurs; treated as void
+    assert names[label[4, 0]] == "toothbrush" == COCO_THING_NAMES[-1]
+
+
+def test_coco_without_curated_list_says_where_to_get_it(tmp_path):
+    make_coco(tmp_path)
+    os.remove(os.path.join(tmp_path, "curated", "val2017", "Coco164kFull_Stuff_Coarse_7.txt"))
+    with pytest.raises(DatasetNotFoundError, match="curated image list .* is missing"):
+        get_dataset("coco_object", str(tmp_path))
+
+
+# ------------------------------------------------------------------ Cityscapes
+def make_cityscapes(root, frames=(("frankfurt", "000000_000294"), ("lindau", "000001_000019"))):
+    for k, (city, frame) in enumerate(frames):
+        stem = f"{city}_{frame}"
+        write_jpg(os.path.join(root, "leftImg8bit", "val", city, f"{stem}_leftImg8bit.png"), seed=k)
+        write_png(os.path.join(root, "gtFine", "val", city, f"{stem}_gtFine_labelIds.png"),
+                  raw_map([0, 6, 7, 26, 33, 34]))
+    return [f"{c}/{c}_{f}" for c, f in frames]
+
+
+def test_cityscapes_label_ids_7_to_33(tmp_path):
+    ids = make_cityscapes(tmp_path)
+    ds = get_dataset("cityscapes", str(tmp_path))
+    assert ds.ids == ids
+    label = ds[0].label
+    assert [int(label[r, 0]) for r in range(6)] == [IGNORE, IGNORE, 0, 19, 26, IGNORE]
+    names = ds.label_space.class_names
+    assert len(names) == 27 and names[0] == "road" and names[19] == "car" and names[26] == "bicycle"
+
+
+def test_cityscapes_table_matches_the_official_package():
+    labels = pytest.importorskip("cityscapesscripts.helpers.labels")
+    assert {label.id: label.name for label in labels.labels} == CITYSCAPES_ID_NAMES
+    assert CITYSCAPES_LABEL_SPACE.class_names == tuple(labels.id2label[i].name for i in range(7, 34))
+
+
+# ------------------------------------------------------------------ ADE20K
+def test_ade20k_shifts_ids_and_ignores_other(tmp_path):
+    root = os.path.join(tmp_path, "ADEChallengeData2016")
+    for k in (2, 1):
+        write_jpg(os.path.join(root, "images", "validation", f"ADE_val_{k:08d}.jpg"), seed=k)
+        write_png(os.path.join(root, "annotations", "validation", f"ADE_val_{k:08d}.png"), raw_map([0, 1, 150]))
+    ds = get_dataset("ade20k", str(tmp_path))
+    assert ds.ids == ["ADE_val_00000001", "ADE_val_00000002"]  # sorted
+    label = ds[0].label
+    assert [int(label[r, 0]) for r in range(3)] == [IGNORE, 0, 149]
+    assert ds.label_space.class_names[0] == "wall" and ds.label_space.class_names[149] == "flag"
+    assert ds.label_space.diffcut_shift
+
+
+def test_ade20k_label_of_another_size_is_rejected(tmp_path):
+    root = os.path.join(tmp_path, "ADEChallengeData2016")
+    write_jpg(os.path.join(root, "images", "validation", "ADE_val_00000001.jpg"))
+    write_png(os.path.join(root, "annotations", "validation", "ADE_val_00000001.png"), np.zeros((H + 1, W)))
+    with pytest.raises(ValueError, match="does not belong to this image"):
+        get_dataset("ade20k", str(tmp_path))[0]
+
+
+# ------------------------------------------------------------------ registry
+@pytest.mark.parametrize("name", sorted(set(DATASETS) - {"demo"}))
+def test_missing_data_prints_layout_and_source(name, tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        get_dataset(name, str(tmp_path / "nowhere"))
+    msg = str(err.value)
+    assert "Expected layout" in msg and "Where to get it" in msg
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        get_dataset("imagenet")
+    with pytest.raises(DatasetNotFoundError, match="--data_dir is required"):
+        get_dataset("voc")
+
+
+# ------------------------------------------------------------------ demo
+def test_demo_is_deterministic_with_exact_ground_truth():
+    a, b = demo_image(3), demo_image(3)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    assert not np.array_equal(demo_image(4).image, a.image)
+    assert a.image.dtype == np.uint8 and a.image.shape == (192, 256, 3)
+    assert a.label.dtype == np.int32 and a.label.min() >= 0 and a.label.max() < DEMO_LABEL_SPACE.num_classes
+
+
+def test_demo_benchmark_has_unequal_sizes_thin_structures_and_a_background():
+    ds = DemoDataset(num_images=8, photos=False)
+    counts = np.stack([np.bincount(s.label.ravel(), minlength=6) for s in ds])
+    assert (counts[:, 0] > 0).all()  # background always present
+    assert (counts > 0).any(axis=0).all()  # every class occurs somewhere
+    present = counts[counts > 0]
+    assert present.max() / present.min() > 20  # very unequal region sizes
+    wire = [s.label == 5 for s in ds if (s.label == 5).any()]
+    assert wire
+    for m in wire:  # a thin structure: area / length is its width, 2-3 px (up to sqrt(2) more when diagonal)
+        ys, xs = np.nonzero(m)
+        length = max(np.ptp(ys), np.ptp(xs)) + 1
+        assert m.sum() / length <= 3 * np.sqrt(2) + 0.5
+
+
+def test_demo_photos_are_unlabelled():
+    pytest.importorskip("skimage")
+    ds = get_dataset("demo", num_images=2)
+    assert len(ds) == 6 and ds.ids[2] == "photo_astronaut"
+    s = ds[2]
+    assert s.label is None and s.image.dtype == np.uint8 and s.image.shape[-1] == 3
