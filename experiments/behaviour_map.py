@@ -1,0 +1,99 @@
+"""Behaviour map of SPARK on planted token features: K, MCL iterations and mIoU over a grid.
+
+Sweeps inflation r, fusion weight beta and the global-affinity sharpening exponent at several
+noise levels. Each (noise level, sharpening) pair is one vmapped call over the (r, beta) grid:
+the numeric hyperparameters are pytree leaves of SparkConfig, so the grid is a batch axis.
+
+    python -m experiments.behaviour_map                     # 32x32 grid, ~5 min on 2 CPU cores
+    python -m experiments.behaviour_map --grid=16 --seeds=1 # quick look
+
+Prints one table row per setting (mean over seeds) and, per noise level, the best setting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from spark_jax.config import SparkConfig
+from spark_jax.evaluation import LabelSpace, iou_from_counts, score_image
+from spark_jax.spark import segment_tokens
+from spark_jax.synthetic import NUM_PLANTED_REGIONS, planted_token_features
+
+_GRID = flags.DEFINE_integer("grid", 32, "Token grid side (32 = SSD-1B at 1024 px).")
+_CHANNELS = flags.DEFINE_integer("channels", 64, "Feature channels of the planted features.")
+_NOISE = flags.DEFINE_list("noise", ["0.2", "0.5", "0.8"], "Noise levels (relative to unit-norm means).")
+_INFLATION = flags.DEFINE_list("inflation", ["1.3", "1.5", "1.8", "2.2", "2.6", "3.0"], "Values of r.")
+_BETA = flags.DEFINE_list("beta", ["0.0", "0.4", "0.6", "0.8", "1.0"], "Values of beta.")
+_SHARPEN = flags.DEFINE_list("sharpen", ["1", "4", "8"], "Values of the sharpening exponent.")
+_SEEDS = flags.DEFINE_integer("seeds", 2, "Planted feature draws per noise level.")
+
+_PLANTED_SPACE = LabelSpace("planted", tuple(f"region{i}" for i in range(NUM_PLANTED_REGIONS)))
+
+
+def planted_miou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Per-image mIoU after Hungarian matching of predicted segments to planted regions."""
+    counts = score_image(np.asarray(pred), np.asarray(gt), _PLANTED_SPACE)
+    return float(np.nanmean(iou_from_counts(counts.tp, counts.fp, counts.fn)))
+
+
+def sweep(features: np.ndarray, sharpen: float, rs: list[float], betas: list[float]):
+    """One vmapped call over the (r, beta) grid; returns the batched SegmentResult."""
+    r_grid, beta_grid = (jnp.asarray(v, jnp.float32) for v in zip(*itertools.product(rs, betas)))
+    grid = SparkConfig(inflation=r_grid, beta=beta_grid, sharpen=sharpen)
+    axes = jax.tree_util.tree_map(lambda _: None, SparkConfig()).replace(inflation=0, beta=0)
+    return jax.jit(jax.vmap(segment_tokens, in_axes=(None, axes)))(features, grid)
+
+
+def main(argv):
+    del argv
+    rs = [float(v) for v in _INFLATION.value]
+    betas = [float(v) for v in _BETA.value]
+    sharpens = [float(v) for v in _SHARPEN.value]
+    noises = [float(v) for v in _NOISE.value]
+    side = _GRID.value
+    print(f"planted {side}x{side} tokens, {_CHANNELS.value} channels, {_SEEDS.value} seeds; "
+          f"{len(rs) * len(betas)} (r, beta) settings per vmapped call")
+    rows = []
+    start = time.perf_counter()
+    for noise, sharpen in itertools.product(noises, sharpens):
+        per_seed = []
+        for seed in range(_SEEDS.value):
+            features, gt = planted_token_features(seed, side, side, _CHANNELS.value, noise=noise)
+            out = jax.device_get(sweep(features, sharpen, rs, betas))
+            per_seed.append(
+                [
+                    (int(out.num_clusters[i]), int(out.mcl_iterations[i]), bool(out.mcl_converged[i]),
+                     planted_miou(out.labels[i], gt))
+                    for i in range(len(rs) * len(betas))
+                ]
+            )
+        for i, (r, beta) in enumerate(itertools.product(rs, betas)):
+            ks, iters, conv, mious = zip(*(seed_rows[i] for seed_rows in per_seed))
+            rows.append((noise, sharpen, r, beta, np.mean(ks), np.mean(iters), all(conv), np.mean(mious)))
+        print(f"  noise={noise} sharpen={sharpen:g} done ({time.perf_counter() - start:.0f}s)", flush=True)
+
+    print()
+    print("| noise | sharpen | r | beta | K | MCL iters | converged | mIoU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for noise, sharpen, r, beta, k, it, conv, miou in rows:
+        print(f"| {noise:g} | {sharpen:g} | {r:g} | {beta:g} | {k:.1f} | {it:.1f} | {'yes' if conv else 'NO'} | {miou:.3f} |")
+    print()
+    print(f"true number of regions: {NUM_PLANTED_REGIONS}")
+    for noise in noises:
+        best = max((row for row in rows if row[0] == noise), key=lambda row: row[-1])
+        paper = [row for row in rows if row[0] == noise and row[1] == 1.0 and row[2] == 2.6 and row[3] == 0.6]
+        line = f"noise {noise:g}: best mIoU {best[-1]:.3f} at sharpen={best[1]:g}, r={best[2]:g}, beta={best[3]:g} (K={best[4]:.1f})"
+        if paper:
+            line += f"; paper defaults (sharpen 1, r 2.6, beta 0.6): mIoU {paper[0][-1]:.3f}, K={paper[0][4]:.1f}"
+        print(line)
+    print(f"total {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    app.run(main)
