@@ -25,7 +25,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["crop_box", "prepare_image", "prepare_label", "label_indices"]
+__all__ = ["crop_box", "prepare_image", "prepare_label", "label_indices", "resize_bilinear"]
 
 
 def crop_box(height: int, width: int) -> tuple[int, int, int]:
@@ -110,6 +110,32 @@ def _check_hw(x: jnp.ndarray, what: str, channels: bool) -> tuple[int, int]:
     return (int(x.shape[-3]), int(x.shape[-2])) if channels else (int(x.shape[-2]), int(x.shape[-1]))
 
 
+def resize_bilinear(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+    """``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` without antialias.
+
+    DiffCut gives PAMR the 1024 input resized this way to the 128x128 mask size.
+
+    Args:
+        x: ``[..., H, W, C]`` float image.
+        height: output height.
+        width: output width.
+
+    Returns:
+        ``[..., height, width, C]`` float32.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim < 3:
+        raise ValueError(f"resize_bilinear expects [..., H, W, C], got shape {tuple(x.shape)}")
+    lead = (1,) * (x.ndim - 3)  # explicit ranks: no implicit rank promotion
+    r0, r1, rw = _bilinear_taps(int(x.shape[-3]), int(height))
+    c0, c1, cw = _bilinear_taps(int(x.shape[-2]), int(width))
+    w_rows = jnp.asarray(rw).reshape(lead + (-1, 1, 1))
+    w_cols = jnp.asarray(cw).reshape(lead + (1, -1, 1))
+    # Rows (axis -3) then columns (axis -2): bilinear interpolation is separable.
+    x = jnp.take(x, r0, axis=-3) * (1.0 - w_rows) + jnp.take(x, r1, axis=-3) * w_rows
+    return jnp.take(x, c0, axis=-2) * (1.0 - w_cols) + jnp.take(x, c1, axis=-2) * w_cols
+
+
 def prepare_image(image: jnp.ndarray, size: int) -> jnp.ndarray:
     """Center-crop and bilinearly resize an RGB image as DiffCut's loader does (Sec. 4.1 of SPARK).
 
@@ -130,14 +156,7 @@ def prepare_image(image: jnp.ndarray, size: int) -> jnp.ndarray:
         x = image.astype(jnp.float32)
     top, left, side = crop_box(height, width)
     x = x[..., top : top + side, left : left + side, :]
-    i0, i1, w1 = _bilinear_taps(side, int(size))
-    lead = (1,) * (x.ndim - 3)  # explicit ranks: no implicit rank promotion
-    w_rows = jnp.asarray(w1).reshape(lead + (-1, 1, 1))
-    w_cols = jnp.asarray(w1).reshape(lead + (1, -1, 1))
-    # Rows (axis -3) then columns (axis -2): bilinear interpolation is separable.
-    x = jnp.take(x, i0, axis=-3) * (1.0 - w_rows) + jnp.take(x, i1, axis=-3) * w_rows
-    x = jnp.take(x, i0, axis=-2) * (1.0 - w_cols) + jnp.take(x, i1, axis=-2) * w_cols
-    return x
+    return resize_bilinear(x, int(size), int(size))
 
 
 def prepare_label(label: jnp.ndarray, size: int, *, via: int | None = None) -> jnp.ndarray:

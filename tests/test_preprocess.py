@@ -91,3 +91,14 @@ def test_label_indices_stay_inside_the_crop():
 def test_prepare_label_rejects_float_labels():
     with pytest.raises(ValueError, match="integer class ids"):
         prepare_label(np.zeros((8, 8), np.float32), 4)
+
+
+@pytest.mark.parametrize("in_hw, out_hw", [((64, 64), (16, 16)), ((20, 30), (50, 7))])
+def test_resize_bilinear_equals_torch_for_pamr_image(in_hw, out_hw):
+    from spark_jax.preprocess import resize_bilinear
+
+    x = np.random.default_rng(0).random((2,) + in_hw + (3,), dtype=np.float32)
+    ref = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=out_hw, mode="bilinear", align_corners=False)
+    out = jax.jit(lambda a: resize_bilinear(a, *out_hw))(x)
+    chex.assert_shape(out, (2,) + out_hw + (3,))
+    np.testing.assert_allclose(np.asarray(out), ref.permute(0, 2, 3, 1).numpy(), atol=1e-6)
