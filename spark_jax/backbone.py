@@ -1,0 +1,276 @@
+"""The diffusion feature extractor shared by SPARK and DiffCut (reference facts, section 1).
+
+images -> center crop to side min(H, W) - 1 -> bilinear resize -> [-1, 1] -> VAE posterior mean x
+scaling factor (float32) -> one seeded noise tensor added at timestep t -> UNet encoder with the
+empty-prompt conditioning -> self-attention features of the last transformer block of the last
+attention down block, [B, h, w, C] (32 x 32 x 1280 for SSD-1B at 1024 px).
+
+Usage::
+
+    backbone = load_backbone("segmind/SSD-1B", BackboneConfig())
+    features = backbone.extract_features(images_uint8)   # [B, 32, 32, 1280]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spark_jax.checkpoint import CheckpointError, load_unet_encoder, load_vae_encoder, resolve_pretrained
+from spark_jax.conditioning import add_noise, load_alphas_cumprod, prompt_embeddings, sdxl_time_ids, shared_noise
+from spark_jax.models.unet_encoder import UNetEncoder, UNetEncoderConfig
+from spark_jax.models.vae_encoder import VAEEncoder, VAEEncoderConfig
+
+_log = logging.getLogger(__name__)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """Options of the feature extractor; defaults are the reference pipeline's (DiffCut, SPARK).
+
+    Attributes:
+      resolution: side of the square the images are resized to (1024 in the papers).
+      timestep: diffusion timestep t of the forward noising (50).
+      seed: seed of the noise tensor shared by every image (42).
+      unet_dtype: "float32", "bfloat16" or "float16" for the UNet; the VAE always runs in float32.
+        The reference ran float16 on GPU; float32 is the default here because it is exact and
+        reduced precision is slow on CPUs.
+      prompt: the text prompt ("" in the papers).
+      antialias: antialiased bilinear downsizing (as torchvision's and PIL's resize do).
+      variant: weight-file variant ("fp16" for ``*.fp16.safetensors``) or None for the default.
+      cache_dir: cache of converted weights and prompt embeddings (default ``~/.cache/spark_jax``).
+    """
+
+    resolution: int = 1024
+    timestep: int = 50
+    seed: int = 42
+    unet_dtype: str = "float32"
+    prompt: str = ""
+    antialias: bool = True
+    variant: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.unet_dtype not in _DTYPES:
+            raise ValueError(f"unet_dtype={self.unet_dtype!r}; choose one of {sorted(_DTYPES)}")
+        if self.resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {self.resolution}")
+
+
+class Conditioning(NamedTuple):
+    """Per-checkpoint constants of the extractor (pytree of arrays).
+
+    Attributes:
+      noise: [1, h, w, c] float32 noise shared by the batch (h = w = resolution / VAE downscale).
+      alpha_bar: [] float32 abar_t of the checkpoint's schedule at the timestep.
+      encoder_hidden_states: [L, D] float32 prompt embeddings.
+      text_embeds: [P] float32 pooled embedding (SDXL family) or None.
+      time_ids: [6] float32 SDXL size conditioning or None.
+    """
+
+    noise: jax.Array
+    alpha_bar: jax.Array
+    encoder_hidden_states: jax.Array
+    text_embeds: jax.Array | None
+    time_ids: jax.Array | None
+
+
+def crop_box(height: int, width: int) -> tuple[int, int, int]:
+    """(top, left, side) of the reference center crop: side min(H, W) - 1, offsets rounded as torchvision's CenterCrop."""
+    side = min(height, width) - 1
+    if side < 1:
+        raise ValueError(f"images of {height}x{width} pixels are too small to crop")
+    return int(round((height - side) / 2.0)), int(round((width - side) / 2.0)), side
+
+
+def preprocess_images(images: jax.Array, *, resolution: int, antialias: bool = True) -> jax.Array:
+    """Reference preprocessing: center crop, bilinear resize, map to [-1, 1].
+
+    Args:
+      images: [B, H, W, 3] uint8 in [0, 255] or floating in [0, 1].
+      resolution: output side.
+      antialias: antialias when downsizing.
+
+    Returns:
+      [B, resolution, resolution, 3] float32 in [-1, 1].
+    """
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(
+            f"images must be [B, H, W, 3] RGB (NHWC), got shape {tuple(images.shape)}; add a batch axis "
+            "or move channels last"
+        )
+    if jnp.issubdtype(images.dtype, jnp.integer):
+        if images.dtype != jnp.uint8:
+            raise ValueError(f"integer images must be uint8 in [0, 255], got {images.dtype}")
+        x = images.astype(jnp.float32) / 255.0
+    elif jnp.issubdtype(images.dtype, jnp.floating):
+        x = images.astype(jnp.float32)
+    else:
+        raise ValueError(f"images must be uint8 or floating, got {images.dtype}")
+    b, h, w, _ = x.shape
+    top, left, side = crop_box(h, w)
+    x = x[:, top : top + side, left : left + side, :]
+    x = jax.image.resize(x, (b, resolution, resolution, 3), method="linear", antialias=antialias)
+    return 2.0 * x - 1.0
+
+
+def extract_features(
+    unet: UNetEncoder,
+    vae: VAEEncoder,
+    images: jax.Array,
+    cond: Conditioning,
+    *,
+    timestep: int,
+    resolution: int,
+    antialias: bool = True,
+    unet_dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+    """Diffusion features of a batch of images (pure; jit it or use ``Backbone``).
+
+    Args:
+      unet: the UNet encoder (parameters in ``unet_dtype``).
+      vae: the VAE encoder (float32).
+      images: [B, H, W, 3] uint8 or float in [0, 1].
+      cond: per-checkpoint constants (noise, abar_t, prompt embeddings, time ids).
+      timestep: t passed to the UNet (must match ``cond.alpha_bar``).
+      resolution: side the images are resized to.
+      antialias: antialiased downsizing.
+      unet_dtype: compute dtype of the UNet.
+
+    Returns:
+      [B, h, w, C] float32 features (h = w = resolution / (8 * 2^feature_block) for SD-family VAEs).
+    """
+    x = preprocess_images(images, resolution=resolution, antialias=antialias)
+    latents = vae(x)
+    noisy = add_noise(latents, cond.noise, cond.alpha_bar)
+    b = images.shape[0]
+    context = jnp.broadcast_to(cond.encoder_hidden_states, (b, *cond.encoder_hidden_states.shape))
+    text_embeds = None if cond.text_embeds is None else jnp.broadcast_to(cond.text_embeds, (b, *cond.text_embeds.shape))
+    time_ids = None if cond.time_ids is None else jnp.broadcast_to(cond.time_ids, (b, *cond.time_ids.shape))
+    feats = unet(
+        noisy.astype(unet_dtype), jnp.asarray(timestep), context.astype(unet_dtype),
+        None if text_embeds is None else text_embeds.astype(unet_dtype), time_ids,
+    )
+    return feats.astype(jnp.float32)
+
+
+class Backbone:
+    """A loaded feature extractor: modules, constants and one jitted ``extract_features``.
+
+    Build with ``load_backbone``. The jitted function takes the parameters as arguments (not as
+    baked-in constants), so compilation stays small; it compiles once per input shape and dtype.
+    """
+
+    def __init__(
+        self,
+        unet: UNetEncoder,
+        vae: VAEEncoder,
+        cond: Conditioning,
+        cfg: BackboneConfig,
+        unet_config: UNetEncoderConfig,
+        vae_config: VAEEncoderConfig,
+    ):
+        self.cfg = cfg
+        self.unet_config = unet_config
+        self.vae_config = vae_config
+        self.cond = cond
+        self._unet_graph, self.unet_params = nnx.split(unet)
+        self._vae_graph, self.vae_params = nnx.split(vae)
+        self._jitted = jax.jit(self._run)
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """(h, w, C) of the features of one image."""
+        side = self.cfg.resolution // (self.vae_config.downscale * self.unet_config.feature_stride)
+        return side, side, self.unet_config.feature_channels
+
+    def _run(self, unet_params, vae_params, cond: Conditioning, images: jax.Array) -> jax.Array:
+        return extract_features(
+            nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), images, cond,
+            timestep=self.cfg.timestep, resolution=self.cfg.resolution, antialias=self.cfg.antialias,
+            unet_dtype=_DTYPES[self.cfg.unet_dtype],
+        )
+
+    def extract_features(self, images: jax.Array | np.ndarray) -> jax.Array:
+        """images: [B, H, W, 3] uint8 or float in [0, 1] -> [B, h, w, C] float32 features."""
+        return self._jitted(self.unet_params, self.vae_params, self.cond, jnp.asarray(images))
+
+    __call__ = extract_features
+
+
+def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig()) -> Backbone:
+    """Loads a diffusers checkpoint (folder, HF-cache snapshot or cached repo id) as a feature extractor.
+
+    The first load converts the weights and, with torch, encodes the prompt; both are cached
+    (``cfg.cache_dir``), so later loads need neither the conversion nor torch.
+
+    Raises:
+      CheckpointError / UnsupportedArchitectureError: naming the file, key or field at fault.
+    """
+    t0 = time.perf_counter()
+    root = resolve_pretrained(path)
+    dtype = _DTYPES[cfg.unet_dtype]
+    unet, unet_cfg = load_unet_encoder(root, dtype=dtype, variant=cfg.variant, cache_dir=cfg.cache_dir)
+    _log.info("UNet encoder loaded from %s in %.1f s", root, time.perf_counter() - t0)
+    vae, vae_cfg = load_vae_encoder(root, variant=cfg.variant, cache_dir=cfg.cache_dir)
+    _log.info("VAE encoder loaded in %.1f s", time.perf_counter() - t0)
+    step = vae_cfg.downscale * unet_cfg.feature_stride
+    if cfg.resolution % step:
+        raise ValueError(
+            f"resolution {cfg.resolution} must be a multiple of {step} (VAE downscale {vae_cfg.downscale} x UNet "
+            f"downsampling {unet_cfg.feature_stride} before the feature point)"
+        )
+    if unet_cfg.in_channels != vae_cfg.latent_channels:
+        raise CheckpointError(
+            f"{root}: the UNet takes {unet_cfg.in_channels} channels but the VAE makes {vae_cfg.latent_channels}"
+        )
+    emb = prompt_embeddings(root, cfg.prompt, cache_dir=cfg.cache_dir)
+    _log.info("prompt embeddings ready in %.1f s", time.perf_counter() - t0)
+    want = unet_cfg.cross_attention_dim[unet_cfg.feature_block]
+    if emb.encoder_hidden_states.shape[-1] != want:
+        raise CheckpointError(
+            f"{root}: the text encoders give {emb.encoder_hidden_states.shape[-1]}-wide embeddings, the UNet "
+            f"expects cross_attention_dim={want}"
+        )
+    time_ids = None
+    if unet_cfg.addition_embed_type == "text_time":
+        if emb.text_embeds is None or emb.text_embeds.shape[-1] != unet_cfg.text_embeds_dim:
+            got = None if emb.text_embeds is None else emb.text_embeds.shape[-1]
+            raise CheckpointError(
+                f"{root}: the UNet's text_time embedding expects a {unet_cfg.text_embeds_dim}-wide pooled text "
+                f"embedding from text_encoder_2, got {got}"
+            )
+        time_ids = jnp.asarray(sdxl_time_ids((cfg.resolution, cfg.resolution)))
+    abar = load_alphas_cumprod(root)
+    if not 0 <= cfg.timestep < len(abar):
+        raise ValueError(f"timestep {cfg.timestep} is outside the schedule's [0, {len(abar)})")
+    side = cfg.resolution // vae_cfg.downscale
+    cond = Conditioning(
+        noise=shared_noise(cfg.seed, (side, side, vae_cfg.latent_channels)),
+        alpha_bar=jnp.asarray(abar[cfg.timestep], jnp.float32),
+        encoder_hidden_states=jnp.asarray(emb.encoder_hidden_states, jnp.float32),
+        text_embeds=None if emb.text_embeds is None else jnp.asarray(emb.text_embeds, jnp.float32),
+        time_ids=time_ids,
+    )
+    return Backbone(unet, vae, cond, cfg, unet_cfg, vae_cfg)
+
+
+__all__ = [
+    "Backbone",
+    "BackboneConfig",
+    "Conditioning",
+    "crop_box",
+    "extract_features",
+    "load_backbone",
+    "preprocess_images",
+]
+
