@@ -1,0 +1,553 @@
+"""The benchmark runner behind ``python -m experiments.run``: dataset -> features -> method -> scores.
+
+One call of :func:`run` evaluates a method on a benchmark and writes, under ``output_dir``:
+
+* ``run_config.json`` — the full configuration (checked on resume: a different configuration is refused);
+* ``results.jsonl`` — one line per finished image (its TP/FP/FN per class, diagnostics, timing), appended and
+  flushed after the image's files are written. It is the resume log: a rerun skips every image listed there
+  and rebuilds the scores from it, so an interrupted run loses at most the image in flight and never counts an
+  image twice (a torn last line is discarded);
+* ``predictions/<id>.png`` — the scored label map at the mask size (cluster ids; 16-bit if >= 256 of them);
+* ``overlays/<id>.png`` — image | prediction | ground truth, for the first ``num_overlays`` images and every
+  unlabelled one;
+* ``metrics.json`` — mIoU, pixel accuracy, per-class IoU, configuration, package versions, timing, diagnostics.
+
+Per image the pipeline is the reference's (DiffCut's evaluation, which SPARK reuses): features of the
+center-cropped, resized image -> the method's token labels, upsampled to the 128x128 mask size -> many-to-one
+background merge (VOC, Context, COCO-Object) -> PAMR on the merged map -> Hungarian scoring
+(:mod:`spark_jax.evaluation`).
+
+``feature_cache`` stores each image's backbone features (``.npy``) keyed by backbone, its settings and the image
+id, so a hyperparameter sweep runs the backbone once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from spark_jax.config import SparkConfig
+from spark_jax.datasets import Dataset, Sample, get_dataset
+from spark_jax.evaluation import PROTOCOLS, Evaluator
+from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
+from spark_jax.pamr import PamrConfig, refine_labels
+from spark_jax.preprocess import prepare_image, prepare_label, resize_bilinear
+from spark_jax.spark import segment_tokens_batch
+from spark_jax.upsample import upsample_labels
+
+__all__ = [
+    "RunConfig",
+    "run",
+    "METHODS",
+    "BACKBONES",
+    "BackboneNotFoundError",
+    "find_cached_checkpoint",
+    "load_results",
+]
+
+SSD1B_REPO = "segmind/SSD-1B"
+BACKBONES = ("auto", "ssd1b", "handcrafted")
+
+
+class BackboneNotFoundError(FileNotFoundError):
+    """No diffusion checkpoint available; the message says how to get one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one benchmark run depends on (written to ``run_config.json``).
+
+    Attributes:
+        dataset: registry name (``demo``, ``voc``, ``context``, ``coco_object``, ``coco_stuff27``, ``cityscapes``,
+            ``ade20k``).
+        data_dir: the dataset folder (not needed for ``demo``).
+        method: key of :data:`METHODS`.
+        backbone: ``auto`` (SSD-1B from ``checkpoint`` or the Hugging Face cache; the handcrafted backbone only for
+            the demo when no checkpoint exists), ``ssd1b`` or ``handcrafted``.
+        checkpoint: a diffusers folder of SSD-1B (or another SDXL-family model).
+        resolution: side of the backbone's input; None: 1024 for SSD-1B, 256 for the handcrafted backbone.
+        mask_size: side of the predicted and scored label maps (128 in the reference).
+        batch_size: images per backbone / method call.
+        output_dir: where results go.
+        limit: evaluate only the first ``limit`` images.
+        protocol: ``standard`` or ``diffcut`` (see :mod:`spark_jax.evaluation`).
+        pamr: apply PAMR after the background merge (the paper's setting).
+        feature_cache: folder of cached backbone features, or None.
+        num_overlays: overlays written for the first images (unlabelled images always get one).
+        demo_images: number of procedural images of the demo benchmark.
+        demo_photos: append scikit-image's sample photographs to the demo (overlays only, not scored).
+        spark: SPARK's hyperparameters.
+        pamr_config: PAMR's settings.
+    """
+
+    dataset: str = "demo"
+    data_dir: str | None = None
+    method: str = "spark"
+    backbone: str = "auto"
+    checkpoint: str | None = None
+    resolution: int | None = None
+    mask_size: int = 128
+    batch_size: int = 4
+    output_dir: str = "runs/demo"
+    limit: int | None = None
+    protocol: str = "standard"
+    pamr: bool = True
+    feature_cache: str | None = None
+    num_overlays: int = 8
+    demo_images: int = 8
+    demo_photos: bool = True
+    spark: SparkConfig = SparkConfig()
+    pamr_config: PamrConfig = PamrConfig()
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; available: {sorted(METHODS)}")
+        if self.batch_size < 1 or self.mask_size < 8:
+            raise ValueError("batch_size must be >= 1 and mask_size >= 8")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (or None for all images), got {self.limit}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["pamr_config"]["dilations"] = list(self.pamr_config.dilations)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------- backbones
+def find_cached_checkpoint(repo_id: str = SSD1B_REPO) -> str | None:
+    """The newest local Hugging Face cache snapshot of ``repo_id`` holding a UNet, or None."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub"
+    )
+    snapshots = os.path.join(hub, "models--" + repo_id.replace("/", "--"), "snapshots")
+    if not os.path.isdir(snapshots):
+        return None
+    cands = [os.path.join(snapshots, s) for s in os.listdir(snapshots)]
+    cands = [c for c in cands if os.path.isdir(os.path.join(c, "unet"))]
+    return max(cands, key=os.path.getmtime) if cands else None
+
+
+_HOW_TO_GET_SSD1B = (
+    "No SSD-1B checkpoint found: pass --checkpoint=/path/to/SSD-1B (a diffusers folder with unet/, vae/, "
+    "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), or download it once into the "
+    "Hugging Face cache with `huggingface-cli download segmind/SSD-1B` (about 9 GB; "
+    "https://huggingface.co/segmind/SSD-1B). To run without weights use --backbone=handcrafted (a weights-free "
+    "demo/CI backbone, NOT the paper's) or --dataset=demo."
+)
+
+
+def _resolve_backbone(cfg: RunConfig):
+    """Returns ``(backbone, key, description)``; ``key`` identifies its features in the feature cache."""
+    checkpoint = cfg.checkpoint
+    kind = cfg.backbone
+    if kind == "auto":
+        if checkpoint is None:
+            checkpoint = find_cached_checkpoint()
+        kind = "ssd1b" if checkpoint is not None else ("handcrafted" if cfg.dataset == "demo" else None)
+        if kind is None:
+            raise BackboneNotFoundError(_HOW_TO_GET_SSD1B)
+    if kind == "handcrafted":
+        hc = HandcraftedConfig(resolution=cfg.resolution or 256)
+        key = "handcrafted-" + _digest(repr(hc))
+        return HandcraftedBackbone(hc), key, f"handcrafted (weights-free demo backbone), {hc}"
+    if checkpoint is None:
+        checkpoint = find_cached_checkpoint()
+        if checkpoint is None:
+            raise BackboneNotFoundError(_HOW_TO_GET_SSD1B)
+    if not os.path.isdir(checkpoint):
+        raise BackboneNotFoundError(f"--checkpoint={checkpoint!r} is not a folder. " + _HOW_TO_GET_SSD1B)
+    from spark_jax.backbone import BackboneConfig, load_backbone  # heavy import: only when used
+
+    bcfg = BackboneConfig(resolution=cfg.resolution or 1024)
+    key = "diffusion-" + _digest(os.path.abspath(checkpoint) + repr(bcfg))
+    return load_backbone(checkpoint, bcfg), key, f"diffusion backbone from {checkpoint}, {bcfg}"
+
+
+def _backbone_resolution(backbone) -> int:
+    if hasattr(backbone, "resolution"):
+        return int(backbone.resolution)
+    return int(backbone.cfg.resolution)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------- methods
+@functools.lru_cache(maxsize=None)
+def _spark_segmenter(mask_size: int):
+    """One jitted SPARK pipeline per mask size; SparkConfig's numeric fields are traced, so sweeps reuse it."""
+    size = (mask_size, mask_size)
+
+    @jax.jit
+    def segment(features, spark_cfg):
+        res = segment_tokens_batch(features, spark_cfg)
+        # Eq. 12 at pixel resolution: argmax of the bilinearly upsampled Q*.
+        labels = jax.vmap(lambda q: upsample_labels(q, size))(res.soft_labels)
+        diag = {
+            "num_clusters": res.num_clusters,
+            "num_segments": res.num_segments,
+            "mcl_iterations": res.mcl_iterations,
+            "mcl_converged": res.mcl_converged,
+        }
+        return labels, diag
+
+    return segment
+
+
+def _spark_method(cfg: RunConfig) -> Callable[[jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
+    """SPARK: features [B, h, w, C] -> (labels [B, S, S] int32, diagnostics of shape [B])."""
+    cfg.spark.check_values()
+    segment = _spark_segmenter(cfg.mask_size)
+    return lambda features: segment(features, cfg.spark)
+
+
+# name -> factory(RunConfig) -> callable(features [B, h, w, C]) -> (labels [B, S, S], diagnostics {name: [B]}).
+METHODS: dict[str, Callable[[RunConfig], Callable]] = {"spark": _spark_method}
+
+
+# ----------------------------------------------------------------------------------------------- file helpers
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
+
+
+def _atomic_write_png(path: str, array: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _safe(image_id: str) -> str:
+    return image_id.replace("/", "__").replace(os.sep, "__")
+
+
+def load_results(path: str) -> list[dict[str, Any]]:
+    """Reads ``results.jsonl``; a torn last line (interrupted write) is dropped, duplicates keep the first."""
+    if not os.path.exists(path):
+        return []
+    out, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if k >= len(lines) - 2:  # only the last record may be torn
+                break
+            raise ValueError(f"{path}: line {k + 1} is corrupt; delete that line to resume") from None
+        if rec["id"] not in seen:
+            seen.add(rec["id"])
+            out.append(rec)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- overlays
+def _palette(n: int = 256) -> np.ndarray:
+    rng = np.random.default_rng(12345)
+    pal = rng.integers(40, 256, (n, 3), dtype=np.int64)
+    pal[0] = (70, 70, 200)
+    return pal.astype(np.uint8)
+
+
+_PALETTE = _palette()
+
+
+def _colour(labels: np.ndarray, ignore: int | None = None) -> np.ndarray:
+    out = _PALETTE[np.asarray(labels) % len(_PALETTE)]
+    if ignore is not None:
+        out[np.asarray(labels) == ignore] = 0
+    return out
+
+
+def _overlay(image: np.ndarray, pred: np.ndarray, label: np.ndarray | None, ignore: int) -> np.ndarray:
+    """image [S, S, 3] float | prediction blend | ground-truth blend, side by side (uint8)."""
+    size = image.shape[0]
+    scale = max(1, 256 // pred.shape[0])
+
+    def up(a):
+        return np.repeat(np.repeat(a, scale, 0), scale, 1)
+
+    base = np.asarray(resize_bilinear(image, pred.shape[0] * scale, pred.shape[1] * scale)) if size else image
+    base = (np.clip(base, 0, 1) * 255).astype(np.float32)
+    panels = [base, 0.45 * base + 0.55 * up(_colour(pred))]
+    if label is not None:
+        panels.append(0.45 * base + 0.55 * up(_colour(label, ignore)))
+    return np.concatenate(panels, axis=1).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+_refine_jit = jax.jit(refine_labels, static_argnums=(2, 3))
+_prep_jit = jax.jit(prepare_image, static_argnums=1)
+_small_jit = jax.jit(resize_bilinear, static_argnums=(1, 2))
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("jax", "jaxlib", "flax", "numpy", "scipy", "pillow", "spark_jax"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    out["devices"] = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()}))
+    return out
+
+
+def _bucket(n: int) -> int:
+    """Static label-slot count for PAMR: the next power of two >= n (few distinct compilations)."""
+    return max(8, 1 << int(np.ceil(np.log2(max(n, 1)))))
+
+
+class _Printer:
+    def __init__(self, total: int, done: int, quiet: bool):
+        self.total, self.start_done, self.quiet = total, done, quiet
+        self.t0 = time.perf_counter()
+
+    def __call__(self, done: int, miou: float) -> None:
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        score = "" if np.isnan(miou) else f"  mIoU so far {100 * miou:5.1f}"
+        print(f"\r[{bar}] {done}/{self.total}  {rate:5.2f} img/s  eta {eta:6.0f} s{score}", end="",
+              file=sys.stderr, flush=True)
+        if done >= self.total:
+            print(file=sys.stderr, flush=True)
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    dataset: Dataset | None = None,
+    on_image: Callable[[str], None] | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Evaluates ``cfg.method`` on ``cfg.dataset``; resumes what ``cfg.output_dir`` already holds.
+
+    Args:
+        cfg: the run's configuration.
+        dataset: use this dataset object instead of ``get_dataset(cfg.dataset, cfg.data_dir)``.
+        on_image: called with each image id once its results are persisted.
+        quiet: no progress bar.
+
+    Returns:
+        The contents of ``metrics.json``.
+    """
+    t_start = time.perf_counter()
+    ds = dataset
+    if ds is None:
+        kwargs = {"num_images": cfg.demo_images, "photos": cfg.demo_photos} if cfg.dataset == "demo" else {}
+        ds = get_dataset(cfg.dataset, cfg.data_dir, **kwargs)
+    space = ds.label_space
+    backbone, backbone_key, backbone_desc = _resolve_backbone(cfg)
+    resolution = _backbone_resolution(backbone)
+    method = METHODS[cfg.method](cfg)
+
+    out = cfg.output_dir
+    for sub in ("predictions", "overlays"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    config_json = {"run": cfg.to_json(), "backbone": backbone_desc, "backbone_key": backbone_key,
+                   "resolution": resolution}
+    config_path = os.path.join(out, "run_config.json")
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        keep = ("output_dir", "batch_size", "limit", "feature_cache", "num_overlays", "data_dir")
+        strip = lambda c: {**c, "run": {k: v for k, v in c["run"].items() if k not in keep}}  # noqa: E731
+        if strip(previous) != strip(config_json):
+            raise ValueError(
+                f"{out} holds a run with another configuration (see {config_path}); resume it with the same "
+                "flags or choose another --output_dir."
+            )
+    _atomic_write_json(config_path, config_json)
+
+    results_path = os.path.join(out, "results.jsonl")
+    records = load_results(results_path)
+    done = {r["id"] for r in records}
+    evaluator = Evaluator(space, cfg.protocol)
+    for r in records:
+        if r.get("scored"):
+            evaluator.add_counts(r["id"], r["tp"], r["fp"], r["fn"], r["pixels"])
+    # Rewrite the log without a torn tail so that appends start on a fresh line.
+    if records:
+        _atomic_write_bytes(results_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    ids = ds.ids
+    order = list(range(len(ids) if cfg.limit is None else min(cfg.limit, len(ids))))
+    pending = [i for i in order if ids[i] not in done]
+    progress = _Printer(len(order), len(order) - len(pending), quiet)
+    progress(len(order) - len(pending), evaluator.result()["miou"] if len(evaluator) else float("nan"))
+
+    via = resolution if cfg.protocol == "diffcut" else None
+    timing = {"load": 0.0, "backbone": 0.0, "method": 0.0, "score": 0.0, "write": 0.0}
+
+    with open(results_path, "a", encoding="utf-8") as log:
+        for start in range(0, len(pending), cfg.batch_size):
+            batch = pending[start : start + cfg.batch_size]
+            t = time.perf_counter()
+            samples: list[Sample] = [ds[i] for i in batch]
+            prepared = jnp.stack([_prep_jit(jnp.asarray(s.image), resolution) for s in samples])
+            timing["load"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            feats = _features(backbone, backbone_key, cfg, samples, prepared)
+            timing["backbone"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            # Pad a short last batch with copies so that the method compiles for one batch shape only.
+            pad = cfg.batch_size - feats.shape[0]
+            if pad:
+                feats = jnp.concatenate([feats, jnp.repeat(feats[-1:], pad, axis=0)], axis=0)
+            labels, diag = method(feats)
+            labels = np.asarray(labels)[: len(samples)]
+            diag = {k: np.asarray(v)[: len(samples)] for k, v in diag.items()}
+            small = np.asarray(_small_jit(prepared, cfg.mask_size, cfg.mask_size))
+            timing["method"] += time.perf_counter() - t
+
+            for j, (i, s) in enumerate(zip(batch, samples)):
+                t = time.perf_counter()
+                pred = _contiguous(labels[j])
+                refine = None
+                if cfg.pamr:
+                    image_small = jnp.asarray(small[j])
+
+                    def refine(p, image_small=image_small):
+                        p = _contiguous(p)
+                        k = int(p.max()) + 1
+                        out_ = _refine_jit(image_small, jnp.asarray(p, jnp.int32), _bucket(k), cfg.pamr_config)
+                        return np.asarray(out_)
+
+                rec: dict[str, Any] = {"id": s.image_id, "index": int(i)}
+                if s.label is not None:
+                    gt = np.asarray(prepare_label(s.label, cfg.mask_size, via=via))
+                    counts = evaluator.update(s.image_id, pred, gt, refine=refine)
+                    final = counts.pred
+                    rec.update(scored=True, tp=counts.tp.tolist(), fp=counts.fp.tolist(), fn=counts.fn.tolist(),
+                               pixels=counts.pixels)
+                else:
+                    gt = None
+                    final = refine(pred) if refine is not None else pred
+                    rec.update(scored=False)
+                timing["score"] += time.perf_counter() - t
+
+                t = time.perf_counter()
+                final = _contiguous(final)
+                dtype = np.uint8 if final.max() < 256 else np.uint16
+                _atomic_write_png(os.path.join(out, "predictions", _safe(s.image_id) + ".png"), final.astype(dtype))
+                if i < cfg.num_overlays or s.label is None:
+                    ov = _overlay(np.asarray(prepared[j]), final, gt, space.ignore_index)
+                    _atomic_write_png(os.path.join(out, "overlays", _safe(s.image_id) + ".png"), ov)
+                rec["diagnostics"] = {k: v[j].item() for k, v in diag.items()}
+                rec["num_predicted_segments"] = int(final.max()) + 1
+                log.write(json.dumps(rec) + "\n")  # one write per record: a crash leaves at most a torn tail
+                log.flush()
+                os.fsync(log.fileno())
+                records.append(rec)
+                timing["write"] += time.perf_counter() - t
+                if on_image is not None:
+                    on_image(s.image_id)
+            progress(len(order) - len(pending) + start + len(batch),
+                     evaluator.result()["miou"] if len(evaluator) else float("nan"))
+
+    elapsed = time.perf_counter() - t_start
+    result = evaluator.result()
+    diag_names = sorted({k for r in records for k in r.get("diagnostics", {})})
+    metrics = {
+        "dataset": ds.name,
+        "method": cfg.method,
+        "protocol": cfg.protocol,
+        "miou": result["miou"],
+        "pixel_accuracy": result["pixel_accuracy"],
+        "num_images_scored": result["num_images"],
+        "num_images": len(records),
+        "per_class_iou": result["per_class_iou"],
+        "diagnostics_mean": {
+            k: float(np.mean([r["diagnostics"][k] for r in records if k in r.get("diagnostics", {})]))
+            for k in diag_names
+        },
+        "config": config_json,
+        "versions": _versions(),
+        "timing": {
+            "this_session_seconds": elapsed,
+            "images_this_session": len(pending),
+            "images_per_second": len(pending) / elapsed if elapsed > 0 and pending else None,
+            "stage_seconds": timing,
+        },
+        "output_dir": os.path.abspath(out),
+        "overlays": os.path.abspath(os.path.join(out, "overlays")),
+    }
+    _atomic_write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
+
+
+def _contiguous(pred: np.ndarray) -> np.ndarray:
+    """Cluster ids as ranks of the sorted ids present (what DiffCut's PAMR step hands the evaluator)."""
+    _, inverse = np.unique(np.asarray(pred), return_inverse=True)
+    return inverse.reshape(np.shape(pred)).astype(np.int64)
+
+
+def _features(backbone, key: str, cfg: RunConfig, samples: list[Sample], prepared: jax.Array) -> jax.Array:
+    """Backbone features of a batch, from and into the feature cache when one is configured."""
+    paths = None
+    if cfg.feature_cache:
+        folder = os.path.join(cfg.feature_cache, key, cfg.dataset)
+        os.makedirs(folder, exist_ok=True)
+        paths = [os.path.join(folder, _safe(s.image_id) + ".npy") for s in samples]
+        if all(os.path.exists(p) for p in paths):
+            return jnp.asarray(np.stack([np.load(p) for p in paths]))
+    if hasattr(backbone, "extract_features_prepared"):
+        feats = backbone.extract_features_prepared(prepared)
+    else:
+        # The diffusion backbone preprocesses raw images itself: batch images of one shape together.
+        parts, k = [], 0
+        while k < len(samples):
+            shape = samples[k].image.shape
+            m = k
+            while m < len(samples) and samples[m].image.shape == shape:
+                m += 1
+            parts.append(backbone.extract_features(np.stack([s.image for s in samples[k:m]])))
+            k = m
+        feats = jnp.concatenate(parts, axis=0)
+    if paths is not None:
+        host = np.asarray(feats)
+        for p, f in zip(paths, host):
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, f)
+            _atomic_write_bytes(p, buf.getvalue())
+    return feats
