@@ -40,7 +40,7 @@ flags.DEFINE_integer("resolution", None, "Backbone input side (default 1024 for 
                      "the token grid follows from it).")
 flags.DEFINE_integer("mask_size", 128, "Side of the predicted and scored label maps.")
 flags.DEFINE_integer("batch_size", 4, "Images per backbone/method call.")
-flags.DEFINE_string("output_dir", None, "Output folder (default runs/<dataset>-<method>-<protocol>).")
+flags.DEFINE_string("output_dir", None, "Output folder (default outputs/<dataset>-<method>-<protocol>).")
 flags.DEFINE_integer("limit", None, "Evaluate only the first N images.")
 flags.DEFINE_enum("protocol", "standard", list(PROTOCOLS), "Scoring protocol (docs/evaluation.md).")
 flags.DEFINE_bool("pamr", True, "Refine with PAMR after the background merge (the paper's setting).")
@@ -77,7 +77,7 @@ _define_spark_flags()
 def config_from_flags() -> RunConfig:
     spark = SparkConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(SparkConfig)})
     pamr = PamrConfig(num_iter=FLAGS.pamr_iters, dilations=tuple(int(d) for d in FLAGS.pamr_dilations))
-    output_dir = FLAGS.output_dir or f"runs/{FLAGS.dataset}-{FLAGS.method}-{FLAGS.protocol}"
+    output_dir = FLAGS.output_dir or f"outputs/{FLAGS.dataset}-{FLAGS.method}-{FLAGS.protocol}"
     return RunConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, method=FLAGS.method, backbone=FLAGS.backbone,
         checkpoint=FLAGS.checkpoint, resolution=FLAGS.resolution, mask_size=FLAGS.mask_size,
@@ -103,6 +103,11 @@ def main(argv):
     print(f"backbone: {backbone}")
     if backbone.startswith("handcrafted"):
         print("note: the handcrafted backbone is the demo/CI backbone, not the paper's SSD-1B features.")
+        if cfg.dataset == "demo" and cfg.spark == SparkConfig():
+            print("note: the paper's SPARK defaults were tuned on SSD-1B features and over-segment these "
+                  "low-level features; try --sharpen=5 --beta=0.8 --inflation=1.5 on the demo.")
+    for note in metrics.get("notes", []):
+        print(f"note: {note}")
     print(f"metrics: {metrics['output_dir']}/metrics.json")
     print(f"overlays: {metrics['overlays']}")
     return 0

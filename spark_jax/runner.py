@@ -101,7 +101,7 @@ class RunConfig:
     resolution: int | None = None
     mask_size: int = 128
     batch_size: int = 4
-    output_dir: str = "runs/demo"
+    output_dir: str = "outputs/demo"
     limit: int | None = None
     protocol: str = "standard"
     pamr: bool = True
@@ -507,6 +507,7 @@ def run(
             "images_per_second": len(pending) / elapsed if elapsed > 0 and pending else None,
             "stage_seconds": timing,
         },
+        "notes": [n for n in (getattr(ds, "note", ""),) if n],
         "output_dir": os.path.abspath(out),
         "overlays": os.path.abspath(os.path.join(out, "overlays")),
     }
