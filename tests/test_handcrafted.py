@@ -26,7 +26,7 @@ def test_shapes_dtype_and_jit(shape):
     chex.assert_tree_all_finite(out)
     assert bb.token_grid == (8, 8) and bb.resolution == 64
     # same preprocessing as the paper's backbone: raw path == prepared path
-    prepared = prepare_image(images, CFG.resolution)
+    prepared = jax.jit(prepare_image, static_argnums=1)(images, CFG.resolution)
     np.testing.assert_allclose(np.asarray(bb.extract_features_prepared(prepared)), np.asarray(out), atol=1e-5)
 
 
@@ -41,13 +41,6 @@ def test_separates_colour_and_texture_regions():
     left_a, left_b, right = f[2, 1], f[6, 2], f[4, 6]
     assert cosine(left_a, left_b) > 0.95
     assert cosine(left_a, right) < 0.0
-
-
-def test_deterministic():
-    images = np.random.default_rng(3).integers(0, 256, (1, 40, 40, 3), dtype=np.uint8)
-    a = handcrafted_features(jnp.asarray(images), CFG)
-    b = handcrafted_features(jnp.asarray(images), CFG)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize(
