@@ -16,6 +16,7 @@ error that names the key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -335,7 +336,7 @@ def _path_str(path: Sequence[Any]) -> str:
 
 
 def load_converted(
-    factory: Callable[[], M],
+    factory: Callable[[], M] | tuple[nnx.GraphDef, nnx.State],
     component_dir: Path,
     *,
     variant: str | None = None,
@@ -352,7 +353,8 @@ def load_converted(
     checkpoint's own dtype. A stale or damaged cache entry is rebuilt.
 
     Args:
-      factory: builds the module (called under ``nnx.eval_shape``: no random init is paid).
+      factory: builds the module (called under ``nnx.eval_shape``: no random init is paid), or an
+        already abstract ``(graphdef, state)`` pair (see ``abstract_module``).
       component_dir: e.g. ``<root>/unet``.
       variant: weight-file variant (``"fp16"``) or None.
       dtype: parameter dtype of the returned module.
@@ -362,7 +364,8 @@ def load_converted(
     """
     component_dir = Path(component_dir)
     files = weight_files(component_dir, variant=variant)
-    abstract = nnx.eval_shape(factory)
+    graphdef, abstract_state = factory if isinstance(factory, tuple) else nnx.split(nnx.eval_shape(factory))
+    abstract = nnx.merge(graphdef, abstract_state, copy=True)
     params = _flat_params(abstract)
     arrays: dict[tuple[Any, ...], np.ndarray] | None = None
     cache_file = None
@@ -378,7 +381,7 @@ def load_converted(
             tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
             save_file({_path_str(p): a for p, a in arrays.items()}, str(tmp))
             os.replace(tmp, cache_file)
-    graphdef, state = nnx.split(abstract)
+    _, state = nnx.split(abstract)
     nested: dict[Any, Any] = {}
     for path, arr in arrays.items():
         node = nested
@@ -405,6 +408,17 @@ def _read_cache(cache_file: Path, params: Mapping[tuple[Any, ...], Any]) -> dict
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def abstract_module(cfg: UNetEncoderConfig | VAEEncoderConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes-only (graphdef, state) of the module a config describes, memoised per config.
+
+    Tracing every initializer under ``nnx.eval_shape`` takes seconds for an SDXL UNet; loading the
+    same architecture again reuses it.
+    """
+    cls = UNetEncoder if isinstance(cfg, UNetEncoderConfig) else VAEEncoder
+    return nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+
+
 def load_unet_encoder(
     root: str | os.PathLike,
     *,
@@ -423,7 +437,7 @@ def load_unet_encoder(
     folder = resolve_pretrained(root) / "unet"
     cfg = UNetEncoderConfig.from_diffusers(read_config(folder), source=str(folder / "config.json"))
     model = load_converted(
-        lambda: UNetEncoder(cfg, rngs=nnx.Rngs(0)), folder, variant=variant, dtype=dtype,
+        abstract_module(cfg), folder, variant=variant, dtype=dtype,
         skipped_prefixes=cfg.skipped_checkpoint_prefixes(), cache_dir=cache_dir, use_cache=use_cache,
     )
     return model, cfg
@@ -440,7 +454,7 @@ def load_vae_encoder(
     folder = resolve_pretrained(root) / "vae"
     cfg = VAEEncoderConfig.from_diffusers(read_config(folder), source=str(folder / "config.json"))
     model = load_converted(
-        lambda: VAEEncoder(cfg, rngs=nnx.Rngs(0)), folder, variant=variant, dtype=jnp.float32,
+        abstract_module(cfg), folder, variant=variant, dtype=jnp.float32,
         skipped_prefixes=VAE_SKIPPED_PREFIXES, aliases=VAE_LEGACY_ALIASES, cache_dir=cache_dir,
         use_cache=use_cache,
     )
