@@ -291,13 +291,12 @@ def _colour(labels: np.ndarray, ignore: int | None = None) -> np.ndarray:
 
 def _overlay(image: np.ndarray, pred: np.ndarray, label: np.ndarray | None, ignore: int) -> np.ndarray:
     """image [S, S, 3] float | prediction blend | ground-truth blend, side by side (uint8)."""
-    size = image.shape[0]
-    scale = max(1, 256 // pred.shape[0])
+    scale = max(1, 256 // pred.shape[0])  # overlays at >= 256 px, predictions upsampled by pixel repetition
 
     def up(a):
         return np.repeat(np.repeat(a, scale, 0), scale, 1)
 
-    base = np.asarray(resize_bilinear(image, pred.shape[0] * scale, pred.shape[1] * scale)) if size else image
+    base = np.asarray(_small_jit(image, pred.shape[0] * scale, pred.shape[1] * scale))
     base = (np.clip(base, 0, 1) * 255).astype(np.float32)
     panels = [base, 0.45 * base + 0.55 * up(_colour(pred))]
     if label is not None:
@@ -396,18 +395,21 @@ def run(
     _atomic_write_json(config_path, config_json)
 
     results_path = os.path.join(out, "results.jsonl")
-    records = load_results(results_path)
+    logged = load_results(results_path)
+    # Rewrite the log without a torn tail so that appends start on a fresh line.
+    if logged:
+        _atomic_write_bytes(results_path, "".join(json.dumps(r) + "\n" for r in logged).encode())
+
+    ids = ds.ids
+    order = list(range(len(ids) if cfg.limit is None else min(cfg.limit, len(ids))))
+    wanted = {ids[i] for i in order}
+    # Only images of this run's selection count (a previous run may have had a larger --limit).
+    records = [r for r in logged if r["id"] in wanted]
     done = {r["id"] for r in records}
     evaluator = Evaluator(space, cfg.protocol)
     for r in records:
         if r.get("scored"):
             evaluator.add_counts(r["id"], r["tp"], r["fp"], r["fn"], r["pixels"])
-    # Rewrite the log without a torn tail so that appends start on a fresh line.
-    if records:
-        _atomic_write_bytes(results_path, "".join(json.dumps(r) + "\n" for r in records).encode())
-
-    ids = ds.ids
-    order = list(range(len(ids) if cfg.limit is None else min(cfg.limit, len(ids))))
     pending = [i for i in order if ids[i] not in done]
     progress = _Printer(len(order), len(order) - len(pending), quiet)
     progress(len(order) - len(pending), evaluator.result()["miou"] if len(evaluator) else float("nan"))

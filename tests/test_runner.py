@@ -187,3 +187,10 @@ def test_cli_demo_runs_with_paper_defaults(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert bad.returncode == 2 and "Expected layout" in bad.stderr
+
+
+def test_a_smaller_limit_scores_only_its_images(tmp_path):
+    run(tiny_cfg(tmp_path, limit=3), dataset=TinyDemo(3), quiet=True)
+    calls = []
+    m = run(tiny_cfg(tmp_path, limit=2), dataset=TinyDemo(3), on_image=calls.append, quiet=True)
+    assert calls == [] and m["num_images_scored"] == 2
