@@ -191,9 +191,10 @@ def _child(kind, queue, threads, *args):
         # Must precede the first import of jax/torch in this fresh process.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
         os.environ["OMP_NUM_THREADS"] = "1"
-        import torch
+        if kind != "jax":
+            import torch
 
-        torch.set_num_threads(1)
+            torch.set_num_threads(1)
     runners = {
         "jax": _run_jax,
         "torch": _run_torch,

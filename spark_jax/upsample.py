@@ -25,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "bilinear_matrix",
+    "resize_bilinear",
     "upsample_soft_labels",
     "labels_from_soft_labels",
     "upsample_labels",
@@ -86,6 +87,36 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return mat.astype(np.float32)
 
 
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of a channels-last map, exactly torch's ``interpolate(mode='bilinear')``.
+
+    ``align_corners=False`` and no anti-aliasing, in both directions. Besides soft labels
+    (``upsample_soft_labels``), this is the image resize of DiffCut's PAMR step: the 1024x1024 input is
+    brought to the 128x128 mask size with ``F.interpolate(image, size=(128, 128), mode='bilinear')``.
+
+    Args:
+      x: ``[h, w, C]`` floating map.
+      size: static ``(H, W)``.
+
+    Returns:
+      ``[H, W, C]`` array of ``x``'s dtype.
+    """
+    if x.ndim != 3:
+        raise ValueError(
+            f"resize_bilinear expects a map of shape [h, w, K]; got shape {x.shape}. "
+            "Use jax.vmap for a batch, or add a trailing channel axis for a single map."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"resize_bilinear expects a floating map; got dtype {x.dtype}. Cast it first.")
+    out_h, out_w = _check_size(size)
+    h, w, _ = x.shape
+    rows = jnp.asarray(bilinear_matrix(h, out_h), dtype=x.dtype)
+    cols = jnp.asarray(bilinear_matrix(w, out_w), dtype=x.dtype)
+    # Rows first: the intermediate [H, w, K] is w/W of the output's size when upsampling.
+    t = jnp.einsum("Hh,hwk->Hwk", rows, x, precision=_PRECISION)
+    return jnp.einsum("Ww,Hwk->HWk", cols, t, precision=_PRECISION)
+
+
 def upsample_soft_labels(q: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Bilinear resampling of per-token soft labels (or any channels-last map) to ``size``.
 
@@ -101,20 +132,7 @@ def upsample_soft_labels(q: jax.Array, size: tuple[int, int]) -> jax.Array:
     Returns:
       ``[H, W, K]`` array of ``q``'s dtype.
     """
-    if q.ndim != 3:
-        raise ValueError(
-            f"upsample_soft_labels expects q of shape [h, w, K]; got shape {q.shape}. "
-            "Use jax.vmap for a batch, or add a trailing channel axis for a single map."
-        )
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"upsample_soft_labels expects a floating q; got dtype {q.dtype}. Cast it first.")
-    out_h, out_w = _check_size(size)
-    h, w, _ = q.shape
-    rows = jnp.asarray(bilinear_matrix(h, out_h), dtype=q.dtype)
-    cols = jnp.asarray(bilinear_matrix(w, out_w), dtype=q.dtype)
-    # Rows first: the intermediate [H, w, K] is w/W of the output's size when upsampling.
-    t = jnp.einsum("Hh,hwk->Hwk", rows, q, precision=_PRECISION)
-    return jnp.einsum("Ww,Hwk->HWk", cols, t, precision=_PRECISION)
+    return resize_bilinear(q, size)
 
 
 def labels_from_soft_labels(soft_labels: jax.Array, valid: jax.Array | None = None) -> jax.Array:
@@ -188,14 +206,19 @@ def _normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(norm, _NORMALIZE_EPS)
 
 
-def _segment_means(features: jax.Array, labels: jax.Array, num_labels: int) -> tuple[jax.Array, jax.Array]:
-    """Masked spatial means of the normalised features: ``[K, C]`` means and bool ``[K]`` non-empty."""
+def _token_scores(features: jax.Array, labels: jax.Array, num_labels: int) -> tuple[jax.Array, jax.Array]:
+    """Dot products of the normalised token features with the segment means (DiffCut's masked SMM).
+
+    Returns ``(scores [h, w, K], nonempty bool [K])``.
+    """
+    _check_concept_inputs(features, labels, num_labels)
     h, w, c = features.shape
     x = _normalize(features.reshape(h * w, c))
     onehot = jax.nn.one_hot(labels.reshape(h * w), num_labels, dtype=x.dtype)  # [N, K]
     counts = jnp.sum(onehot, axis=0)  # [K]
-    sums = jnp.einsum("nk,nc->kc", onehot, x, precision=_PRECISION)
-    return sums / (counts[:, None] + _MASK_POOL_EPS), counts > 0
+    means = jnp.einsum("nk,nc->kc", onehot, x, precision=_PRECISION) / (counts[:, None] + _MASK_POOL_EPS)
+    scores = jnp.einsum("nc,kc->nk", x, means, precision=_PRECISION)
+    return scores.reshape(h, w, num_labels), counts > 0
 
 
 def _check_concept_inputs(features, labels, num_labels):
@@ -236,12 +259,7 @@ def concept_scores(
     Returns:
       ``(scores [H, W, K], nonempty bool [K])``. Empty segments have mean zero, hence score zero.
     """
-    _check_concept_inputs(features, labels, num_labels)
-    means, nonempty = _segment_means(features, labels, num_labels)
-    h, w, c = features.shape
-    token_scores = jnp.einsum(
-        "nc,kc->nk", _normalize(features.reshape(h * w, c)), means, precision=_PRECISION
-    ).reshape(h, w, num_labels)
+    token_scores, nonempty = _token_scores(features, labels, num_labels)
     return upsample_soft_labels(token_scores, size), nonempty
 
 
@@ -274,10 +292,5 @@ def concept_assignment(
     Returns:
       int32 ``[H, W]`` labels in ``[0, num_labels)``.
     """
-    _check_concept_inputs(features, labels, num_labels)
-    means, nonempty = _segment_means(features, labels, num_labels)
-    h, w, c = features.shape
-    token_scores = jnp.einsum(
-        "nc,kc->nk", _normalize(features.reshape(h * w, c)), means, precision=_PRECISION
-    ).reshape(h, w, num_labels)
+    token_scores, nonempty = _token_scores(features, labels, num_labels)
     return upsample_labels(token_scores, size, valid=nonempty, rows_per_chunk=rows_per_chunk)

@@ -13,6 +13,7 @@ from spark_jax.upsample import (
     concept_assignment,
     concept_scores,
     labels_from_soft_labels,
+    resize_bilinear,
     upsample_labels,
     upsample_soft_labels,
 )
@@ -110,6 +111,13 @@ class TestUpsampleSoftLabels:
         # ...and a 3x shrink samples single tokens (source = 3o + 1): no averaging at all.
         out3 = upsample_soft_labels(jnp.asarray(q[:30, :30], jnp.float32), (10, 10))
         np.testing.assert_array_equal(np.asarray(out3)[..., 0], q[1:30:3, 1:30:3, 0])
+
+    def test_image_resize_of_diffcut_pamr_step(self):
+        # DiffCut's PAMR input: the 1024 image brought to 128 by F.interpolate(bilinear), no antialias.
+        image = np.random.default_rng(7).random((1024, 1024, 3)).astype(np.float32)
+        out = jax.jit(resize_bilinear, static_argnums=1)(jnp.asarray(image), (128, 128))
+        chex.assert_shape(out, (128, 128, 3))
+        np.testing.assert_allclose(np.asarray(out), torch_bilinear(image, (128, 128)), atol=1e-5, rtol=0)
 
     def test_vmap_over_batch(self):
         q = np.random.default_rng(1).random((3, 8, 8, 4)).astype(np.float32)
