@@ -49,6 +49,8 @@ flags.DEFINE_list("pamr_dilations", [str(d) for d in PamrConfig().dilations], "P
 flags.DEFINE_string("feature_cache", None, "Folder caching backbone features across runs.")
 flags.DEFINE_integer("num_overlays", 8, "Overlay images written for the first N images.")
 flags.DEFINE_integer("demo_images", 8, "Number of procedural images of the demo benchmark.")
+flags.DEFINE_enum("upsampling", "soft_labels", ["soft_labels", "concept"],
+                  "Token labels -> masks: SPARK's soft-label upsampling or DiffCut's concept assignment.")
 flags.DEFINE_bool("demo_photos", True, "Add scikit-image's sample photographs to the demo (overlays only).")
 
 
@@ -83,7 +85,7 @@ def config_from_flags() -> RunConfig:
         checkpoint=FLAGS.checkpoint, resolution=FLAGS.resolution, mask_size=FLAGS.mask_size,
         batch_size=FLAGS.batch_size, output_dir=output_dir, limit=FLAGS.limit, protocol=FLAGS.protocol,
         pamr=FLAGS.pamr, feature_cache=FLAGS.feature_cache, num_overlays=FLAGS.num_overlays,
-        demo_images=FLAGS.demo_images, demo_photos=FLAGS.demo_photos, spark=spark, pamr_config=pamr,
+        demo_images=FLAGS.demo_images, demo_photos=FLAGS.demo_photos, upsampling=FLAGS.upsampling, spark=spark, pamr_config=pamr,
     )
 
 

@@ -24,7 +24,6 @@ id, so a hyperparameter sweep runs the backbone once.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -45,8 +44,7 @@ from spark_jax.evaluation import PROTOCOLS, Evaluator
 from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
 from spark_jax.pamr import PamrConfig, refine_labels
 from spark_jax.preprocess import prepare_image, prepare_label, resize_bilinear
-from spark_jax.spark import segment_tokens_batch
-from spark_jax.upsample import upsample_labels
+from spark_jax.pipeline import PipelineConfig, segment_features
 
 __all__ = [
     "RunConfig",
@@ -89,6 +87,8 @@ class RunConfig:
         num_overlays: overlays written for the first images (unlabelled images always get one).
         demo_images: number of procedural images of the demo benchmark.
         demo_photos: append scikit-image's sample photographs to the demo (overlays only, not scored).
+        upsampling: token labels -> masks: ``soft_labels`` (SPARK: bilinear upsampling of Q*, then argmax) or
+            ``concept`` (DiffCut's concept assignment).
         spark: SPARK's hyperparameters.
         pamr_config: PAMR's settings.
     """
@@ -109,6 +109,7 @@ class RunConfig:
     num_overlays: int = 8
     demo_images: int = 8
     demo_photos: bool = True
+    upsampling: str = "soft_labels"
     spark: SparkConfig = SparkConfig()
     pamr_config: PamrConfig = PamrConfig()
 
@@ -191,35 +192,33 @@ def _digest(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- methods
-@functools.lru_cache(maxsize=None)
-def _spark_segmenter(mask_size: int):
-    """One jitted SPARK pipeline per mask size; SparkConfig's numeric fields are traced, so sweeps reuse it."""
-    size = (mask_size, mask_size)
+def _spark_method(cfg: RunConfig) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
+    """SPARK: (features [B, h, w, C], prepared images [B, S, S, 3]) -> (labels [B, m, m] int32, diagnostics [B]).
 
-    @jax.jit
-    def segment(features, spark_cfg):
-        res = segment_tokens_batch(features, spark_cfg)
-        # Eq. 12 at pixel resolution: argmax of the bilinearly upsampled Q*.
-        labels = jax.vmap(lambda q: upsample_labels(q, size))(res.soft_labels)
-        diag = {
-            "num_clusters": res.num_clusters,
-            "num_segments": res.num_segments,
-            "mcl_iterations": res.mcl_iterations,
-            "mcl_converged": res.mcl_converged,
-        }
-        return labels, diag
-
-    return segment
-
-
-def _spark_method(cfg: RunConfig) -> Callable[[jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
-    """SPARK: features [B, h, w, C] -> (labels [B, S, S] int32, diagnostics of shape [B])."""
+    The masks come from :func:`spark_jax.pipeline.segment_features` *without* PAMR: the reference applies PAMR
+    after the many-to-one background merge, which needs the ground truth, so the evaluator runs it (see
+    :func:`spark_jax.evaluation.score_image`'s ``refine``).
+    """
     cfg.spark.check_values()
-    segment = _spark_segmenter(cfg.mask_size)
-    return lambda features: segment(features, cfg.spark)
+    pcfg = PipelineConfig(spark=cfg.spark, mask_size=(cfg.mask_size, cfg.mask_size), upsampling=cfg.upsampling,
+                          pamr=None)
+
+    def method(features, prepared):
+        seg = segment_features(features, prepared, pcfg)
+        tok = seg.tokens
+        diag = {
+            "num_clusters": tok.num_clusters,
+            "num_segments": tok.num_segments,
+            "mcl_iterations": tok.mcl_iterations,
+            "mcl_converged": tok.mcl_converged,
+        }
+        return seg.labels, diag
+
+    return method
 
 
-# name -> factory(RunConfig) -> callable(features [B, h, w, C]) -> (labels [B, S, S], diagnostics {name: [B]}).
+# name -> factory(RunConfig) -> callable(features [B, h, w, C], prepared images [B, S, S, 3])
+#   -> (labels [B, m, m] at the mask size, diagnostics {name: [B]}). Baselines register here.
 METHODS: dict[str, Callable[[RunConfig], Callable]] = {"spark": _spark_method}
 
 
@@ -434,7 +433,11 @@ def run(
             pad = cfg.batch_size - feats.shape[0]
             if pad:
                 feats = jnp.concatenate([feats, jnp.repeat(feats[-1:], pad, axis=0)], axis=0)
-            labels, diag = method(feats)
+            if pad:
+                prepared_in = jnp.concatenate([prepared, jnp.repeat(prepared[-1:], pad, axis=0)], axis=0)
+            else:
+                prepared_in = prepared
+            labels, diag = method(feats, prepared_in)
             labels = np.asarray(labels)[: len(samples)]
             diag = {k: np.asarray(v)[: len(samples)] for k, v in diag.items()}
             small = np.asarray(_small_jit(prepared, cfg.mask_size, cfg.mask_size))
