@@ -1,0 +1,118 @@
+"""The jitted feature extractor: preprocessing, end-to-end parity with the diffusers pipeline, batching."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from test_backbone_helpers import build_tiny_pipeline, hooked_unet_features  # noqa: E402
+
+from spark_jax.backbone import BackboneConfig, crop_box, load_backbone, preprocess_images  # noqa: E402
+
+RES = 128  # tiny VAE downscales 8x, tiny UNet 4x more before the feature point: 4x4 tokens
+
+
+@pytest.fixture(scope="session")
+def sdxl_root(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.getbasetemp() / "tiny_sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def backbone(sdxl_root, tmp_path_factory):
+    cfg = BackboneConfig(resolution=RES, cache_dir=str(tmp_path_factory.getbasetemp() / "spark_jax_cache"))
+    return load_backbone(sdxl_root, cfg)
+
+
+@pytest.fixture(scope="session")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (2, 100, 90, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "hw,box",
+    [((100, 90), (6, 0, 89)), ((90, 100), (0, 6, 89)), ((64, 64), (0, 0, 63)), ((500, 375), (63, 0, 374))],
+)
+def test_crop_box_is_reference_center_crop(hw, box):
+    """Side min(H, W) - 1, offsets rounded like torchvision's CenterCrop."""
+    assert crop_box(*hw) == box
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 53, 3), (2, 64, 64, 3)])
+def test_preprocess_maps_uint8_and_float_alike_to_minus_one_one(shape):
+    u8 = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    f = jax.jit(lambda x: preprocess_images(x, resolution=32))
+    out_u8, out_f = f(jnp.asarray(u8)), f(jnp.asarray(u8, jnp.float32) / 255.0)
+    chex.assert_shape(out_u8, (shape[0], 32, 32, 3))
+    chex.assert_type(out_u8, jnp.float32)
+    np.testing.assert_allclose(out_u8, out_f, atol=1e-6)
+    assert float(out_u8.min()) >= -1.0 and float(out_u8.max()) <= 1.0
+
+
+def test_preprocess_crops_before_resizing():
+    """A border outside the crop must not leak into the output."""
+    img = np.zeros((1, 41, 60, 3), np.float32)
+    top, left, side = crop_box(41, 60)
+    img[:, top : top + side, left : left + side] = 1.0
+    out = preprocess_images(jnp.asarray(img), resolution=16)
+    np.testing.assert_allclose(out, 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [(np.zeros((8, 8, 3), np.uint8), r"\[B, H, W, 3\]"), (np.zeros((1, 3, 8, 8), np.uint8), "channels last"),
+     (np.zeros((1, 8, 8, 3), np.int32), "uint8")],
+)
+def test_preprocess_rejects_bad_images_clearly(bad, match):
+    with pytest.raises(ValueError, match=match):
+        preprocess_images(jnp.asarray(bad), resolution=16)
+
+
+def test_extract_features_matches_diffusers_pipeline(backbone, sdxl_root, images):
+    """VAE mean x scale, DDPM noise at t=50, empty-prompt SDXL conditioning, hooked attn1: as in diffusers."""
+    feats = backbone.extract_features(images)
+    chex.assert_shape(feats, (2, *backbone.feature_shape))
+    assert backbone.feature_shape == (4, 4, 64)
+    chex.assert_tree_all_finite(feats)
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_root)
+    sched = diffusers.DDPMScheduler.from_pretrained(sdxl_root, subfolder="scheduler")
+    x = np.asarray(preprocess_images(jnp.asarray(images), resolution=RES)).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.from_numpy(x)).latent_dist.mean * pipe.vae.config.scaling_factor
+        noise = torch.from_numpy(np.asarray(backbone.cond.noise).transpose(0, 3, 1, 2)).expand_as(latents)
+        noisy = sched.add_noise(latents, noise, torch.tensor([50]))
+        context, _, pooled, _ = pipe.encode_prompt("", do_classifier_free_guidance=False)
+        time_ids = np.asarray([[RES, RES, 0, 0, RES, RES]] * 2, np.float32)
+        ref = hooked_unet_features(
+            pipe.unet, noisy.numpy(), 50, context.expand(2, -1, -1).numpy(), pooled.expand(2, -1).numpy(), time_ids
+        )
+    scale = np.abs(ref).max()
+    assert np.abs(np.asarray(feats) - ref).max() <= 1e-4 * scale
+
+
+def test_features_of_an_image_do_not_depend_on_its_batch(backbone, images):
+    """One noise tensor shared by the batch: swapping images swaps features, nothing else changes."""
+    ab = backbone.extract_features(images)
+    ba = backbone.extract_features(images[::-1])
+    np.testing.assert_allclose(ab, ba[::-1], atol=1e-5)
+    assert not np.allclose(ab[0], ab[1])
+
+
+def test_extractor_compiles_once_per_shape(backbone, images):
+    backbone.extract_features(images)
+    before = backbone._jitted._cache_size()
+    backbone.extract_features(images + 1)
+    assert backbone._jitted._cache_size() == before
+
+
+def test_backbone_config_rejects_bad_values(sdxl_root, tmp_path):
+    with pytest.raises(ValueError, match="unet_dtype"):
+        BackboneConfig(unet_dtype="float8")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        load_backbone(sdxl_root, BackboneConfig(resolution=100, cache_dir=str(tmp_path)))
