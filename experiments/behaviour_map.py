@@ -24,9 +24,8 @@ import numpy as np
 from absl import app, flags
 
 from spark_jax.config import SparkConfig
-from spark_jax.evaluation import LabelSpace, iou_from_counts, score_image
 from spark_jax.spark import segment_tokens
-from spark_jax.synthetic import NUM_PLANTED_REGIONS, planted_token_features
+from spark_jax.synthetic import NUM_PLANTED_REGIONS, planted_miou, planted_token_features
 
 _GRID = flags.DEFINE_integer("grid", 24, "Token grid side (SSD-1B at 1024 px gives 32; 24 keeps the default run short).")
 _CHANNELS = flags.DEFINE_integer("channels", 64, "Feature channels of the planted features.")
@@ -35,15 +34,6 @@ _INFLATION = flags.DEFINE_list("inflation", ["1.5", "1.8", "2.2", "2.6", "3.0"],
 _BETA = flags.DEFINE_list("beta", ["0.0", "0.4", "0.6", "0.8", "1.0"], "Values of beta.")
 _SHARPEN = flags.DEFINE_list("sharpen", ["1", "4", "8"], "Values of the sharpening exponent.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Planted feature draws per noise level.")
-
-_PLANTED_SPACE = LabelSpace("planted", tuple(f"region{i}" for i in range(NUM_PLANTED_REGIONS)))
-
-
-def planted_miou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Per-image mIoU after Hungarian matching of predicted segments to planted regions."""
-    counts = score_image(np.asarray(pred), np.asarray(gt), _PLANTED_SPACE)
-    return float(np.nanmean(iou_from_counts(counts.tp, counts.fp, counts.fn)))
-
 
 def sweep(features: np.ndarray, sharpen: float, rs: list[float], betas: list[float]):
     """One vmapped call over the (r, beta) grid; returns the batched SegmentResult."""
