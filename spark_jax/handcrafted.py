@@ -152,6 +152,11 @@ def features_from_prepared(x: jax.Array, cfg: HandcraftedConfig = HandcraftedCon
     )
 
 
+# Module-level jits with the (hashable) config static: every backbone object shares the compilation cache.
+_raw_jit = jax.jit(handcrafted_features, static_argnums=1)
+_prepared_jit = jax.jit(features_from_prepared, static_argnums=1)
+
+
 class HandcraftedBackbone:
     """The demo/CI backbone behind the same interface as ``spark_jax.backbone``: ``extract_features(images)``.
 
@@ -163,8 +168,6 @@ class HandcraftedBackbone:
 
     def __init__(self, cfg: HandcraftedConfig = HandcraftedConfig()):
         self.cfg = cfg
-        self._raw = jax.jit(lambda im: handcrafted_features(im, cfg))
-        self._prepared = jax.jit(lambda x: features_from_prepared(x, cfg))
 
     @property
     def resolution(self) -> int:
@@ -176,8 +179,8 @@ class HandcraftedBackbone:
 
     def extract_features(self, images: jax.Array) -> jax.Array:
         """``[B, H, W, 3]`` raw RGB images of one shape -> ``[B, g, g, C]`` token features."""
-        return self._raw(jnp.asarray(images))
+        return _raw_jit(jnp.asarray(images), self.cfg)
 
     def extract_features_prepared(self, x: jax.Array) -> jax.Array:
         """``[B, S, S, 3]`` float images already prepared at ``resolution`` -> ``[B, g, g, C]``."""
-        return self._prepared(jnp.asarray(x))
+        return _prepared_jit(jnp.asarray(x), self.cfg)

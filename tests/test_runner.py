@@ -194,3 +194,40 @@ def test_a_smaller_limit_scores_only_its_images(tmp_path):
     calls = []
     m = run(tiny_cfg(tmp_path, limit=2), dataset=TinyDemo(3), on_image=calls.append, quiet=True)
     assert calls == [] and m["num_images_scored"] == 2
+
+
+def write_voc(root, ids):
+    base = os.path.join(root, "VOCdevkit", "VOC2012")
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(os.path.join(base, d), exist_ok=True)
+    for k, i in enumerate(ids):
+        lab = np.zeros((36, 48), np.uint8)  # background
+        lab[8:28, 10 + k : 30 + k] = 8  # a cat
+        lab[7, 10 + k : 30 + k] = 255  # void outline above it
+        img = np.full((36, 48, 3), (60, 140, 60), np.uint8)
+        img[lab == 8] = (220, 200, 40)
+        img[lab == 255] = (140, 170, 50)
+        Image.fromarray(img).save(os.path.join(base, "JPEGImages", f"{i}.jpg"), quality=95)
+        pal = Image.new("P", (48, 36))
+        pal.putpalette([(j * 53) % 256 for j in range(768)])
+        pal.putdata(lab.ravel().tolist())
+        pal.save(os.path.join(base, "SegmentationClass", f"{i}.png"))
+    with open(os.path.join(base, "ImageSets", "Segmentation", "val.txt"), "w") as f:
+        f.write("\n".join(ids) + "\n")
+
+
+@pytest.mark.parametrize("protocol", ["standard", "diffcut"])
+def test_runner_on_a_fixture_voc_tree_merges_background(tmp_path, protocol):
+    write_voc(tmp_path / "voc", ["2007_000033", "2007_000042"])
+    cfg = tiny_cfg(tmp_path / "out", dataset="voc", data_dir=str(tmp_path / "voc"), protocol=protocol)
+    m = run(cfg, quiet=True)
+    iou = m["per_class_iou"]
+    assert len(iou) == 21 and iou["dog"] is None
+    assert iou["background"] > 0.8 and iou["cat"] > 0.5  # background fragments are merged many-to-one
+    pixels = [r["pixels"] for r in load_results(os.path.join(tmp_path / "out", "results.jsonl"))]
+    if protocol == "standard":
+        assert all(p < 32 * 32 for p in pixels)  # the void outline is not scored
+        assert list(iou)[0] == "background"
+    else:
+        assert pixels == [32 * 32] * 2  # DiffCut counts void as background
+        assert list(iou)[-1] == "background"
