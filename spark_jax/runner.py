@@ -351,6 +351,7 @@ def run(
     cfg: RunConfig,
     *,
     dataset: Dataset | None = None,
+    backbone: Any | None = None,
     on_image: Callable[[str], None] | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -359,6 +360,9 @@ def run(
     Args:
         cfg: the run's configuration.
         dataset: use this dataset object instead of ``get_dataset(cfg.dataset, cfg.data_dir)``.
+        backbone: use this feature extractor instead of the one ``cfg`` selects: an object with
+            ``extract_features(images [B, H, W, 3] uint8) -> [B, h, w, C]`` and a ``resolution`` (or
+            ``cfg.resolution``) attribute; ``extract_features_prepared(x [B, S, S, 3])`` is used when present.
         on_image: called with each image id once its results are persisted.
         quiet: no progress bar.
 
@@ -371,7 +375,11 @@ def run(
         kwargs = {"num_images": cfg.demo_images, "photos": cfg.demo_photos} if cfg.dataset == "demo" else {}
         ds = get_dataset(cfg.dataset, cfg.data_dir, **kwargs)
     space = ds.label_space
-    backbone, backbone_key, backbone_desc = _resolve_backbone(cfg)
+    if backbone is None:
+        backbone, backbone_key, backbone_desc = _resolve_backbone(cfg)
+    else:
+        backbone_desc = f"user-supplied {type(backbone).__name__}"
+        backbone_key = "user-" + _digest(backbone_desc + repr(getattr(backbone, "cfg", "")))
     resolution = _backbone_resolution(backbone)
     method = METHODS[cfg.method](cfg)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from spark_jax.config import SparkConfig
 from spark_jax.datasets.base import Dataset, Sample
 from spark_jax.datasets.demo import DEMO_LABEL_SPACE, demo_image
-from spark_jax.handcrafted import HandcraftedBackbone
+from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
 from spark_jax.runner import BackboneNotFoundError, RunConfig, load_results, run
 
 # Tiny and fast: 8x8 tokens (64 px input, 8 px patches), 32x32 masks. Settings suited to the demo's planted
@@ -231,3 +231,30 @@ def test_runner_on_a_fixture_voc_tree_merges_background(tmp_path, protocol):
     else:
         assert pixels == [32 * 32] * 2  # DiffCut counts void as background
         assert list(iou)[-1] == "background"
+
+
+class RawOnlyBackbone:
+    """Like the diffusion backbone: preprocesses raw images itself, so a call must hold one image shape."""
+
+    resolution = 64
+
+    def __init__(self):
+        self.calls = []
+        self.inner = HandcraftedBackbone(HandcraftedConfig(resolution=64))
+
+    def extract_features(self, images):
+        self.calls.append(images.shape)
+        return self.inner.extract_features(images)
+
+
+class MixedShapes(TinyDemo):
+    def __getitem__(self, index):
+        s = demo_image(index, 48, 64) if index % 2 == 0 else demo_image(index, 50, 40)
+        return s
+
+
+def test_a_raw_image_backbone_gets_one_shape_per_call(tmp_path):
+    bb = RawOnlyBackbone()
+    m = run(tiny_cfg(tmp_path, batch_size=4), dataset=MixedShapes(3), backbone=bb, quiet=True)
+    assert m["num_images_scored"] == 4 and m["config"]["backbone"] == "user-supplied RawOnlyBackbone"
+    assert [c[1:3] for c in bb.calls] == [(48, 64), (50, 40), (48, 64), (50, 40)]
