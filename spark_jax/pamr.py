@@ -13,11 +13,12 @@ released code, which DiffCut vendors unchanged):
     then a softmax over the ``8 * len(dilations)`` neighbours (the centre is not a neighbour);
   * ``num_iter`` steps of ``m(i) <- sum_p alpha_p(i) m(i + p)``, with the affinities computed once.
 What follows DiffCut's evaluation (``eval_diffcut.py``; reference-facts section 4), and is our default:
-  * 10 iterations with dilations (1, 2, 4, 8) (the original module defaults to dilations
-    (1, 2, 4, 8, 12, 24) in its training config), applied at the 128x128 scoring size to the one-hot
-    masks of the predicted labels, with the image resized bilinearly to 128x128 in [0, 1];
-  * then the argmax over labels and a 3x3 median filter of the label map (``scipy.ndimage.median_filter
-    (labels, 3)``, default ``mode='reflect'``).
+  * 10 iterations with dilations (1, 2, 4, 8) (the module's constructor defaults are 1 iteration and
+    dilation 1; Araslanov & Roth's own setting is 10 iterations with dilations (1, 2, 4, 8, 12, 24)),
+    applied at the 128x128 scoring size to the one-hot masks of the predicted labels, with the image
+    resized bilinearly (no anti-aliasing: ``spark_jax.upsample.resize_bilinear``) to 128x128 in [0, 1];
+  * then the argmax over labels (ties: lowest id) and a 3x3 median filter of the label map
+    (``scipy.ndimage.median_filter(labels, 3)``, default ``mode='reflect'``; see ``median_filter_3x3``).
 The original module also resizes the masks to the image size (bilinear, ``align_corners=True``); in
 DiffCut's use both are already 128x128, so ``pamr`` here requires masks at the image size instead.
 """
