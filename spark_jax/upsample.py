@@ -213,7 +213,8 @@ def _token_scores(features: jax.Array, labels: jax.Array, num_labels: int) -> tu
     """
     _check_concept_inputs(features, labels, num_labels)
     h, w, c = features.shape
-    x = _normalize(features.reshape(h * w, c))
+    # DiffCut casts the (float16) UNet features to float32 before anything else; so do we.
+    x = _normalize(features.reshape(h * w, c).astype(jnp.promote_types(features.dtype, jnp.float32)))
     onehot = jax.nn.one_hot(labels.reshape(h * w), num_labels, dtype=x.dtype)  # [N, K]
     counts = jnp.sum(onehot, axis=0)  # [K]
     means = jnp.einsum("nk,nc->kc", onehot, x, precision=_PRECISION) / (counts[:, None] + _MASK_POOL_EPS)
