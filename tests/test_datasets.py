@@ -230,3 +230,12 @@ def test_demo_photos_are_unlabelled():
     assert len(ds) == 6 and ds.ids[2] == "photo_astronaut"
     s = ds[2]
     assert s.label is None and s.image.dtype == np.uint8 and s.image.shape[-1] == 3
+
+
+def test_demo_without_scikit_image_skips_the_photos_with_a_note(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "skimage", None)  # makes `import skimage.data` fail
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    ds = DemoDataset(num_images=2)
+    assert ds.ids == ["demo_0000", "demo_0001"] and "scikit-image is not installed" in ds.note
