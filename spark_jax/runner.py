@@ -191,6 +191,12 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _image_digest(image: np.ndarray) -> str:
+    h = hashlib.sha256(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()[:12]
+
+
 # ----------------------------------------------------------------------------------------------- methods
 def _spark_method(cfg: RunConfig) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
     """SPARK: (features [B, h, w, C], prepared images [B, S, S, 3]) -> (labels [B, m, m] int32, diagnostics [B]).
@@ -540,7 +546,8 @@ def _features(backbone, key: str, cfg: RunConfig, samples: list[Sample], prepare
     if cfg.feature_cache:
         folder = os.path.join(cfg.feature_cache, key, cfg.dataset)
         os.makedirs(folder, exist_ok=True)
-        paths = [os.path.join(folder, _safe(s.image_id) + ".npy") for s in samples]
+        # The image's content is part of the key: a changed file never reuses stale features.
+        paths = [os.path.join(folder, f"{_safe(s.image_id)}-{_image_digest(s.image)}.npy") for s in samples]
         if all(os.path.exists(p) for p in paths):
             return jnp.asarray(np.stack([np.load(p) for p in paths]))
     if hasattr(backbone, "extract_features_prepared"):
