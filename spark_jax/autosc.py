@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from spark_jax.affinity import global_affinity
-from spark_jax.ncut import canonical_labels
+from spark_jax.ncut import canonical_labels, finite_tokens
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -86,6 +86,7 @@ class AutoSCResult(NamedTuple):
       alpha: float32 [], the selected exponent.
       eigengap: float32 [], its largest relative eigengap.
       truncated: bool [], the eigengap index exceeded `max_clusters` and was clipped.
+      num_nonfinite_tokens: int32 [], tokens whose features held NaN/Inf (zeroed).
     """
 
     labels: jax.Array
@@ -94,6 +95,7 @@ class AutoSCResult(NamedTuple):
     alpha: jax.Array
     eigengap: jax.Array
     truncated: jax.Array
+    num_nonfinite_tokens: jax.Array
 
 
 def normalized_laplacian_eigh(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -201,7 +203,8 @@ def autosc(features: jax.Array, cfg: AutoSCConfig) -> AutoSCResult:
             "use autosc_batch for [B, h, w, C]"
         )
     h, w, c = features.shape
-    affinity = global_affinity(features.reshape(h * w, c), mode="cosine", negatives="minmax")
+    x, num_nonfinite = finite_tokens(features.reshape(h * w, c))
+    affinity = global_affinity(x, mode="cosine", negatives="minmax")
     labels, k, num_segments, alpha, gap, truncated = autosc_affinity(affinity, cfg)
     return AutoSCResult(
         labels=labels.reshape(h, w),
@@ -210,6 +213,7 @@ def autosc(features: jax.Array, cfg: AutoSCConfig) -> AutoSCResult:
         alpha=alpha,
         eigengap=gap,
         truncated=truncated,
+        num_nonfinite_tokens=num_nonfinite,
     )
 
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from spark_jax.affinity import l2_normalize
+from spark_jax.ncut import finite_tokens
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -281,7 +282,8 @@ def kmeans_tokens(
             "use kmeans_tokens_batch for [B, h, w, C]"
         )
     h, w, c = features.shape
-    x = features.reshape(h * w, c).astype(jnp.float32)
+    # Non-finite tokens become zero vectors (as in the other methods; see spark.check_features).
+    x, _ = finite_tokens(features.reshape(h * w, c))
     if cfg.normalize:
         x = l2_normalize(x)
     result = kmeans(x, num_clusters, key, cfg)
@@ -295,7 +297,9 @@ def kmeans_tokens_batch(
     """`kmeans_tokens` over a batch: features [B, h, w, C], num_clusters int32 [B] (or a scalar
     shared by all images), one key split per image."""
     if features.ndim != 4:
-        raise ValueError(f"kmeans_tokens_batch takes features [B, h, w, C], got shape {features.shape}")
+        raise ValueError(
+            f"kmeans_tokens_batch takes features [B, h, w, C], got shape {features.shape}"
+        )
     b = features.shape[0]
     num_clusters = jnp.broadcast_to(jnp.asarray(num_clusters, jnp.int32), (b,))
     keys = jax.random.split(key, b)

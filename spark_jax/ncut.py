@@ -38,6 +38,7 @@ token, so two runs that find the same partition return identical label maps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -53,6 +54,12 @@ Eigensolver = Literal["eigh", "lobpcg"]
 _OUTSIDE_EIGENVALUE = 4.0
 # Block size and iteration cap of the LOBPCG solver (see `NCutConfig.eigensolver`).
 _LOBPCG_BLOCK = 4
+# Segments of at most this many tokens skip LOBPCG for a gathered dense eigh: LOBPCG's block
+# would have to include the degenerate outside eigenspace for segments under ~5 tokens (it
+# returns NaN there), and a dense eigh of 256 x 256 is cheaper than LOBPCG at large N anyway.
+_LOBPCG_MIN_SEGMENT = 256
+# Static subproblem sizes of the dense solver (powers of 4 from 64; the full N is the last).
+_GATHER_SIZES = (64, 256, 1024, 4096, 16384)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -145,12 +152,15 @@ class NCutResult(NamedTuple):
         truncated.
       truncated: bool [], True when `max_segments` stopped the recursion with segments still
         waiting to be cut.
+      num_nonfinite_tokens: int32 [], tokens whose features held NaN/Inf; they are segmented as
+        zero vectors (cosine 0 with every token).
     """
 
     labels: jax.Array
     num_segments: jax.Array
     num_eigensolves: jax.Array
     truncated: jax.Array
+    num_nonfinite_tokens: jax.Array
 
 
 class Bipartition(NamedTuple):
@@ -172,12 +182,17 @@ def _masked_graph(w: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array
     m = active.astype(w.dtype)
     w_s = w * m[:, None] * m[None, :]
     degree = jnp.sum(w_s, axis=1)
-    inv_sqrt = jnp.where(active & (degree > 0), jax.lax.rsqrt(jnp.where(degree > 0, degree, 1.0)), 0.0)
+    safe = jnp.where(degree > 0, degree, 1.0)
+    inv_sqrt = jnp.where(active & (degree > 0), jax.lax.rsqrt(safe), 0.0)
     return w_s, degree, inv_sqrt
 
 
 def _fiedler_eigh(w_s: jax.Array, active: jax.Array, inv_sqrt: jax.Array) -> jax.Array:
-    """Second-smallest eigenvector of the segment's normalised Laplacian, dense eigh [N]."""
+    """Second-smallest eigenvector of the segment's normalised Laplacian, dense eigh [n].
+
+    Args (n tokens, of which the segment is `active`): w_s [n, n] restricted affinity,
+    active bool [n], inv_sqrt [n] = D^-1/2 (0 outside).
+    """
     m = active.astype(w_s.dtype)
     normalized = inv_sqrt[:, None] * w_s * inv_sqrt[None, :]
     # In the segment: I - D^-1/2 W D^-1/2 = D^-1/2 (D - W) D^-1/2. Outside: 4 I, decoupled.
@@ -185,7 +200,23 @@ def _fiedler_eigh(w_s: jax.Array, active: jax.Array, inv_sqrt: jax.Array) -> jax
     # Symmetrise against rounding so eigh sees an exactly symmetric matrix.
     lap = 0.5 * (lap + lap.T)
     _, vectors = jnp.linalg.eigh(lap)
-    return vectors[:, 1]
+    return jnp.where(active, vectors[:, 1], 0.0)
+
+
+def _fiedler_eigh_gathered(
+    w_s: jax.Array, active: jax.Array, inv_sqrt: jax.Array, size: int
+) -> jax.Array:
+    """`_fiedler_eigh` on a segment of at most `size` tokens, solved as a size x size problem.
+
+    The segment's tokens are gathered (in index order) into the first slots of a static
+    size-token subproblem, whose spare slots are decoupled like the outside tokens; the
+    eigenvector is scattered back to [N].
+    """
+    n = w_s.shape[0]
+    slots = jnp.argsort(~active, stable=True)[:size]  # segment tokens first, in index order
+    sub_active = active[slots]
+    sub = _fiedler_eigh(w_s[slots][:, slots], sub_active, inv_sqrt[slots])
+    return jnp.zeros((n,), w_s.dtype).at[slots].set(jnp.where(sub_active, sub, 0.0))
 
 
 def _fiedler_lobpcg(
@@ -244,11 +275,26 @@ def best_bipartition(
             f"eigensolver='lobpcg' needs more than {5 * _LOBPCG_BLOCK} tokens, got {w.shape[0]}; "
             "use eigensolver='eigh' for such small grids"
         )
+    n = w.shape[0]
     w_s, degree, inv_sqrt = _masked_graph(w, active)
+    # Segments are solved at the smallest static size that holds them: dense eigh on gathered
+    # 64-, 256-, 1024-... token subproblems, the full N for the largest segments (eigh, or
+    # LOBPCG above 256 tokens). Without vmap only the chosen branch runs.
+    small = [size for size in _GATHER_SIZES if size < n]
+    if eigensolver == "lobpcg":
+        small = [size for size in small if size <= _LOBPCG_MIN_SEGMENT]
+    branches = [functools.partial(_fiedler_eigh_gathered, size=size) for size in small]
     if eigensolver == "eigh":
-        v = _fiedler_eigh(w_s, active, inv_sqrt)
+        branches.append(_fiedler_eigh)
     else:
-        v = _fiedler_lobpcg(w_s, active, inv_sqrt, degree, lobpcg_iterations)
+        branches.append(
+            lambda w_s, active, inv_sqrt: _fiedler_lobpcg(
+                w_s, active, inv_sqrt, degree, lobpcg_iterations
+            )
+        )
+    count = jnp.sum(active)
+    branch = jnp.searchsorted(jnp.asarray(small, jnp.int32), count, side="left") if small else 0
+    v = jax.lax.switch(branch, branches, w_s, active, inv_sqrt)
     y = jnp.where(active, inv_sqrt * v, 0.0)
     # Sign: the entry of largest magnitude is positive (released code's deterministic flip).
     pivot = jnp.argmax(jnp.abs(y))
@@ -289,15 +335,16 @@ class _LoopState(NamedTuple):
     num_solves: jax.Array  # int32 []
 
 
-def recursive_ncut_affinity(w: jax.Array, cfg: NCutConfig) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def recursive_ncut_affinity(w: jax.Array, cfg: NCutConfig) -> NCutResult:
     """Recursive NCut on a given affinity W [N, N] (DiffCut Algorithm 1, steps 3-4).
 
     Args:
       w: affinity [N, N], symmetric, non-negative (DiffCut's Eq. 3 for `recursive_ncut`).
-      cfg: tau, the threshold grid, the segment bound and the solver.
+      cfg: tau, the threshold grid, the segment bound and the solver (`alpha` is not used:
+        W is taken as given).
 
     Returns:
-      (labels int32 [N] canonical 0..L-1, num_segments, num_eigensolves, truncated).
+      NCutResult with flat labels int32 [N] (canonical, 0..L-1).
     """
     n = w.shape[0]
     w = w.astype(jnp.float32)
@@ -348,8 +395,13 @@ def recursive_ncut_affinity(w: jax.Array, cfg: NCutConfig) -> tuple[jax.Array, j
         num_solves=jnp.int32(0),
     )
     final = jax.lax.while_loop(cond, body, init)
-    labels = canonical_labels(final.segment, cfg.max_segments)
-    return labels, final.num_segments, final.num_solves, final.head < final.tail
+    return NCutResult(
+        labels=canonical_labels(final.segment, cfg.max_segments),
+        num_segments=final.num_segments,
+        num_eigensolves=final.num_solves,
+        truncated=final.head < final.tail,
+        num_nonfinite_tokens=jnp.int32(0),
+    )
 
 
 def canonical_labels(labels: jax.Array, max_labels: int) -> jax.Array:
@@ -358,7 +410,9 @@ def canonical_labels(labels: jax.Array, max_labels: int) -> jax.Array:
     first = jax.ops.segment_min(jnp.arange(n), labels, num_segments=max_labels)  # n+ if absent
     present = first < n
     order = jnp.argsort(jnp.where(present, first, n + jnp.arange(max_labels)))
-    rank = jnp.zeros((max_labels,), jnp.int32).at[order].set(jnp.arange(max_labels, dtype=jnp.int32))
+    rank = jnp.zeros((max_labels,), jnp.int32).at[order].set(
+        jnp.arange(max_labels, dtype=jnp.int32)
+    )
     return rank[labels]
 
 
@@ -379,21 +433,28 @@ def recursive_ncut(features: jax.Array, cfg: NCutConfig) -> NCutResult:
             "use recursive_ncut_batch for [B, h, w, C]"
         )
     h, w, c = features.shape
-    affinity = global_affinity(
-        features.reshape(h * w, c), mode="cosine", negatives="minmax", sharpen=cfg.alpha
-    )
-    labels, num_segments, num_solves, truncated = recursive_ncut_affinity(affinity, cfg)
-    return NCutResult(
-        labels=labels.reshape(h, w),
-        num_segments=num_segments,
-        num_eigensolves=num_solves,
-        truncated=truncated,
-    )
+    x, num_nonfinite = finite_tokens(features.reshape(h * w, c))
+    affinity = global_affinity(x, mode="cosine", negatives="minmax", sharpen=cfg.alpha)
+    result = recursive_ncut_affinity(affinity, cfg)
+    return result._replace(labels=result.labels.reshape(h, w), num_nonfinite_tokens=num_nonfinite)
+
+
+def finite_tokens(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Tokens x [N, C] as float32 with non-finite tokens zeroed, and how many there were.
+
+    A zero token has cosine 0 with everything, as in `spark.segment_tokens`; entry points
+    that must reject such input call `spark.check_features` first.
+    """
+    x = x.astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(x), axis=-1, keepdims=True)
+    return jnp.where(finite, x, 0.0), jnp.sum(~finite).astype(jnp.int32)
 
 
 @jax.jit
 def recursive_ncut_batch(features: jax.Array, cfg: NCutConfig) -> NCutResult:
     """`recursive_ncut` over a batch: features [B, h, w, C] -> NCutResult with a leading B."""
     if features.ndim != 4:
-        raise ValueError(f"recursive_ncut_batch takes features [B, h, w, C], got shape {features.shape}")
+        raise ValueError(
+            f"recursive_ncut_batch takes features [B, h, w, C], got shape {features.shape}"
+        )
     return jax.vmap(recursive_ncut, in_axes=(0, None))(features, cfg)
