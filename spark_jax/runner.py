@@ -445,12 +445,10 @@ def run(
             t = time.perf_counter()
             # Pad a short last batch with copies so that the method compiles for one batch shape only.
             pad = cfg.batch_size - feats.shape[0]
+            prepared_in = prepared
             if pad:
                 feats = jnp.concatenate([feats, jnp.repeat(feats[-1:], pad, axis=0)], axis=0)
-            if pad:
                 prepared_in = jnp.concatenate([prepared, jnp.repeat(prepared[-1:], pad, axis=0)], axis=0)
-            else:
-                prepared_in = prepared
             labels, diag = method(feats, prepared_in)
             labels = np.asarray(labels)[: len(samples)]
             diag = {k: np.asarray(v)[: len(samples)] for k, v in diag.items()}
