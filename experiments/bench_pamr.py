@@ -12,18 +12,20 @@ Usage:
   python -m experiments.bench_pamr                      # 128x128 and 1024x1024, K=8, 10 iterations
   python -m experiments.bench_pamr --sizes=128 --num_labels=21 --repeats=5
 
-Measured 2026-11-22 on the shared 2-core CPU (load average ~8 from other jobs, so absolute times are
-inflated; ratios are from the same run), K=8, 10 iterations, dilations (1, 2, 4, 8), one thread each:
+Measured 2026-11-22 on the shared 2-core CPU (load average 7-9 from other jobs, so absolute times are
+inflated and vary ~2x between runs; ratios come from the same run), K=8, 10 iterations, dilations
+(1, 2, 4, 8), one thread each, peak RSS counted from before the first execution:
 
   size       impl          run s   peak RSS MB   XLA MB
-  128x128    jax           0.055        4           5
-  128x128    torch         1.16        33           -    (torch/jax 21x time, 8x memory)
-  128x128    torch_slices  0.46         7           -    (8x time)
-  1024x1024  jax           5.4        355         323
-  1024x1024  torch       170         2392           -    (31x time, 6.8x memory)
-  1024x1024  torch_slices 39          427           -    (7.2x time, 1.2x memory)
+  128x128    jax           0.015        7           5
+  128x128    torch         0.64        95           -    (torch/jax: 42x time, 13x memory)
+  128x128    torch_slices  0.32        20           -    (21x time, 2.8x memory)
+  1024x1024  jax           5.3        333         323
+  1024x1024  torch        82         2399           -    (15x time, 7.2x memory)
+  1024x1024  torch_slices 33          637           -    (6.3x time, 1.9x memory)
 
-max |jax - torch| = 3.6e-6 (128) and 5.0e-6 (1024). The JAX version holds no [H, W, P, K] stack.
+max |jax - torch| = 3.6e-6 (128) and 5.0e-6 (1024). An earlier run under heavier load gave 21x/31x
+(torch) and 8x/7x (torch_slices) time ratios. The JAX version holds no [H, W, P, K] stack.
 """
 
 from __future__ import annotations
@@ -106,9 +108,11 @@ def _run_jax(inputs: str, output: str, num_iter: int, dilations: tuple[int, ...]
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     xla_mb = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20 if mem is not None else float("nan")
-    compiled(image, masks).block_until_ready()  # warm-up
+    # Peak from before the first execution: XLA's allocator keeps buffers between runs, so a baseline
+    # taken after a warm-up would hide them.
     peak_ok = _reset_peak()
     base = _rss_mb("VmRSS")
+    compiled(image, masks).block_until_ready()  # warm-up
     times, out = _time_runs(lambda: compiled(image, masks).block_until_ready(), repeats)
     peak = _rss_mb("VmHWM") - base if peak_ok else float("nan")
     np.save(output, np.asarray(out))
@@ -187,9 +191,9 @@ def _run_torch(inputs: str, output: str, num_iter: int, dilations: tuple[int, ..
     data = np.load(inputs)
     image, masks = torch.from_numpy(data["image"]), torch.from_numpy(data["masks"])
     with torch.inference_mode():
-        impl(image, masks, num_iter, dilations)  # warm-up
         peak_ok = _reset_peak()
         base = _rss_mb("VmRSS")
+        impl(image, masks, num_iter, dilations)  # warm-up
         times, out = _time_runs(lambda: impl(image, masks, num_iter, dilations), repeats)
         peak = _rss_mb("VmHWM") - base if peak_ok else float("nan")
     np.save(output, out.numpy())
