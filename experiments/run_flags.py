@@ -1,0 +1,131 @@
+"""Command-line flags shared by ``experiments.run`` and ``experiments.compare``.
+
+Importing this module defines the flags of everything a run depends on except the dataset, the method, PAMR
+on/off and the output folder (which each script defines its own way): backbone, resolution, protocol, PAMR's
+settings, the feature cache, the demo, and one flag per hyperparameter of every method, generated from the
+config dataclasses with their defaults:
+
+* SPARK: every ``SparkConfig`` field under its own name (``--beta``, ``--inflation``, ...);
+* DiffCut's recursive NCut: ``NCutConfig`` fields prefixed ``ncut_`` (``--ncut_tau``, ``--ncut_alpha``, ...);
+* AutoSC: ``AutoSCConfig`` fields prefixed ``autosc_`` (``--autosc_alphas=1,5,10,15``, ...);
+* K-means: ``KMeansConfig`` fields prefixed ``kmeans_`` (``--kmeans_max_clusters``, ...), plus ``--kmeans_k``
+  (an int, or ``gt`` for K* from the ground truth), ``--kmeans_unlabelled_k`` and ``--kmeans_seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from absl import flags
+
+from spark_jax.autosc import AutoSCConfig
+from spark_jax.config import SparkConfig
+from spark_jax.evaluation import PROTOCOLS
+from spark_jax.kmeans import KMeansConfig
+from spark_jax.ncut import NCutConfig
+from spark_jax.pamr import PamrConfig
+from spark_jax.runner import BACKBONES, RunConfig
+
+FLAGS = flags.FLAGS
+
+# Config dataclass -> (flag prefix, RunConfig field, module named in the help).
+CONFIG_FLAGS: dict[type, tuple[str, str, str]] = {
+    SparkConfig: ("", "spark", "spark_jax/config.py"),
+    NCutConfig: ("ncut_", "ncut", "spark_jax/ncut.py"),
+    AutoSCConfig: ("autosc_", "autosc", "spark_jax/autosc.py"),
+    KMeansConfig: ("kmeans_", "kmeans", "spark_jax/kmeans.py"),
+}
+
+flags.DEFINE_string("data_dir", None, "Folder holding the dataset(s) (see docs/evaluation.md for layouts).")
+flags.DEFINE_enum("backbone", "auto", list(BACKBONES),
+                  "auto: SSD-1B from --checkpoint or the HF cache (handcrafted only for --dataset=demo when no "
+                  "checkpoint exists); ssd1b; handcrafted (weights-free demo/CI backbone, not the paper's).")
+flags.DEFINE_string("checkpoint", None, "Diffusers folder of SSD-1B (default: the local HF cache entry of "
+                    "segmind/SSD-1B if present).")
+flags.DEFINE_integer("resolution", None, "Backbone input side (default 1024 for SSD-1B, 256 for handcrafted; "
+                     "the token grid follows from it).")
+flags.DEFINE_integer("mask_size", 128, "Side of the predicted and scored label maps.")
+flags.DEFINE_integer("batch_size", 4, "Images per backbone/method call.")
+flags.DEFINE_integer("limit", None, "Evaluate only the first N images (of each dataset).")
+flags.DEFINE_enum("protocol", "standard", list(PROTOCOLS), "Scoring protocol (docs/evaluation.md).")
+flags.DEFINE_integer("pamr_iters", PamrConfig().num_iter, "PAMR iterations.")
+flags.DEFINE_list("pamr_dilations", [str(d) for d in PamrConfig().dilations], "PAMR dilations.")
+flags.DEFINE_string("feature_cache", None, "Folder caching backbone features across runs.")
+flags.DEFINE_integer("num_overlays", 8, "Overlay images written for the first N images.")
+flags.DEFINE_integer("demo_images", 8, "Number of procedural images of the demo benchmark.")
+flags.DEFINE_bool("demo_photos", True, "Add scikit-image's sample photographs to the demo (overlays only).")
+flags.DEFINE_string("kmeans_k", "gt", "K-means cluster count: an int fixed across the dataset (DiffCut Table 9: "
+                    "3 on VOC, 6 elsewhere) or 'gt' for K* = the classes present in each image's ground truth.")
+flags.DEFINE_integer("kmeans_unlabelled_k", RunConfig().kmeans_unlabelled_k,
+                     "K-means K for unlabelled images when --kmeans_k=gt (they are drawn, not scored).")
+flags.DEFINE_integer("kmeans_seed", RunConfig().kmeans_seed, "Seed of the K-means (k-means++) initialisation.")
+
+
+def _define_config_flags(cls: type, prefix: str, where: str) -> None:
+    """One flag per field of the config dataclass ``cls``, typed from its annotation, with its default."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint, default = hints[field.name], field.default
+        name = prefix + field.name
+        doc = f"{cls.__name__}.{field.name} (default {default!r}; see {where})."
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Literal:
+            flags.DEFINE_enum(name, default, list(args), doc)
+        elif hint is bool:
+            flags.DEFINE_bool(name, default, doc)
+        elif hint is int or (int in args and type(None) in args):
+            flags.DEFINE_integer(name, default, doc)
+        elif hint is float or (float in args and type(None) in args):
+            flags.DEFINE_float(name, default, doc)
+        elif hint is str:
+            flags.DEFINE_string(name, default, doc)
+        elif typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+            flags.DEFINE_list(name, [str(v) for v in default], doc + " Comma-separated.")
+        else:
+            raise TypeError(f"no flag type for {cls.__name__}.{field.name}: {hint}")
+
+
+def _config_from_flags(cls: type, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = FLAGS[prefix + field.name].value
+        hint = hints[field.name]
+        if typing.get_origin(hint) is tuple:
+            item = typing.get_args(hint)[0]
+            try:
+                value = tuple(item(v) for v in value)
+            except ValueError:
+                raise ValueError(f"--{prefix}{field.name}: expected comma-separated {item.__name__} values, "
+                                 f"got {','.join(value)!r}") from None
+        values[field.name] = value
+    return cls(**values)
+
+
+for _cls, (_prefix, _, _where) in CONFIG_FLAGS.items():
+    _define_config_flags(_cls, _prefix, _where)
+
+
+def kmeans_k_from_flag(value: str) -> int | str:
+    """``--kmeans_k``: 'gt' or a positive int."""
+    if value.strip().lower() == "gt":
+        return "gt"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--kmeans_k must be an int >= 1 or 'gt', got {value!r}") from None
+
+
+def run_config_from_flags(**fields: Any) -> RunConfig:
+    """The RunConfig of the shared flags; ``fields`` gives the rest (dataset, method, pamr, output_dir, ...)."""
+    configs = {field: _config_from_flags(cls, prefix) for cls, (prefix, field, _) in CONFIG_FLAGS.items()}
+    pamr = PamrConfig(num_iter=FLAGS.pamr_iters, dilations=tuple(int(d) for d in FLAGS.pamr_dilations))
+    return RunConfig(
+        data_dir=FLAGS.data_dir, backbone=FLAGS.backbone, checkpoint=FLAGS.checkpoint, resolution=FLAGS.resolution,
+        mask_size=FLAGS.mask_size, batch_size=FLAGS.batch_size, limit=FLAGS.limit, protocol=FLAGS.protocol,
+        feature_cache=FLAGS.feature_cache, num_overlays=FLAGS.num_overlays, demo_images=FLAGS.demo_images,
+        demo_photos=FLAGS.demo_photos, pamr_config=pamr, kmeans_k=kmeans_k_from_flag(FLAGS.kmeans_k),
+        kmeans_unlabelled_k=FLAGS.kmeans_unlabelled_k, kmeans_seed=FLAGS.kmeans_seed, **configs, **fields,
+    )
