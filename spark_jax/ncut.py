@@ -24,9 +24,11 @@ MIT licence), which the paper leaves implicit:
 
 Static shapes: segments are integer ids on the token grid; a FIFO work list of segment ids is
 driven by `lax.while_loop`, one eigendecomposition per segment visited (2L - 1 in total for L
-final segments). Each eigenproblem is the full N x N matrix with the tokens outside the segment
-decoupled onto an identity block of eigenvalue 4 (the normalised Laplacian's spectrum lies in
-[0, 2]), so the two smallest eigenvalues are the segment's own. The work list visits segments
+final segments). A segment's eigenproblem has a static size: the segment's tokens are gathered
+into the smallest of 64, 128, 256, ... slots that holds them (the full N for the largest
+segments; `lax.switch` runs only that branch outside vmap), and the unused slots are decoupled
+onto an identity block of eigenvalue 4 (the normalised Laplacian's spectrum lies in [0, 2]), so
+the two smallest eigenvalues are the segment's own. The work list visits segments
 breadth first; the partition does not depend on the order, except when `max_segments` stops
 the recursion early (then coarse splits are all made before finer ones, and
 `NCutResult.truncated` is set).
@@ -58,8 +60,9 @@ _LOBPCG_BLOCK = 4
 # would have to include the degenerate outside eigenspace for segments under ~5 tokens (it
 # returns NaN there), and a dense eigh of 256 x 256 is cheaper than LOBPCG at large N anyway.
 _LOBPCG_MIN_SEGMENT = 256
-# Static subproblem sizes of the dense solver (powers of 4 from 64; the full N is the last).
-_GATHER_SIZES = (64, 256, 1024, 4096, 16384)
+# Static subproblem sizes of the dense solver (powers of 2 from 64; the full N is the last).
+# eigh costs ~n^3, so a segment pays at most 8x its own size's cost.
+_GATHER_SIZES = tuple(2**p for p in range(6, 15))
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -278,7 +281,7 @@ def best_bipartition(
     n = w.shape[0]
     w_s, degree, inv_sqrt = _masked_graph(w, active)
     # Segments are solved at the smallest static size that holds them: dense eigh on gathered
-    # 64-, 256-, 1024-... token subproblems, the full N for the largest segments (eigh, or
+    # 64-, 128-, 256-... token subproblems, the full N for the largest segments (eigh, or
     # LOBPCG above 256 tokens). Without vmap only the chosen branch runs.
     small = [size for size in _GATHER_SIZES if size < n]
     if eigensolver == "lobpcg":

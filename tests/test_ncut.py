@@ -172,7 +172,7 @@ def test_root_bipartition_matches_transcription(seed):
 @pytest.mark.parametrize("segment", ["5:45", "0:300:3", "0:300"])
 @pytest.mark.parametrize("eigensolver", ["eigh", "lobpcg"])
 def test_bipartition_of_a_subsegment_is_the_induced_subgraph_cut(segment, eigensolver):
-    # Of 320 tokens: 40 are solved as a 64-token problem, 100 scattered ones as a 256-token
+    # Of 320 tokens: 40 are solved as a 64-token problem, 100 scattered ones as a 128-token
     # problem, 300 on the full graph (by eigh or LOBPCG).
     features, _ = planted_token_features(4, 16, 20, 16, 0.8)
     w = _affinity_f32(features, 10.0)
