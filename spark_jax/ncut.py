@@ -82,9 +82,10 @@ class NCutConfig:
         reached, segments still waiting to be cut stay whole and `truncated` is set. The loop
         runs at most 2 * max_segments - 1 eigendecompositions.
       eigensolver: 'eigh' (dense symmetric eigendecomposition, exact; the released code's
-        choice) or 'lobpcg' (block LOBPCG on the deflated normalised affinity, matrix-vector
-        products only: much cheaper at N = 4096, iterative, so a split whose two best candidate
-        cuts are nearly tied may differ from 'eigh').
+        choice) or 'lobpcg' (block LOBPCG on the deflated normalised affinity for segments of
+        more than 256 tokens, matrix-vector products only: much cheaper at N = 4096; smaller
+        segments still use a dense eigh. Iterative, so a split whose two best candidate cuts
+        are nearly tied may differ from 'eigh'). Needs N > 20 tokens.
       lobpcg_iterations: iteration cap of the 'lobpcg' solver.
       exclude_zero_affinity_nodes: reproduce a quirk of the released code. Below the first
         level it finds a segment's tokens as the rows of the masked affinity without an exact
