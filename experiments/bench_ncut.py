@@ -55,7 +55,9 @@ _METHODS_LARGE = flags.DEFINE_list(
 _CHANNELS = flags.DEFINE_integer("channels", 64, "Feature channels.")
 _NOISE = flags.DEFINE_float("noise", 0.5, "Noise of the planted features (relative to unit means).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the planted features.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per method at grids < 64 (best reported).")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 3, "Timed calls per method at grids < 64 (the best is reported)."
+)
 _REPEATS_LARGE = flags.DEFINE_integer("repeats_large", 1, "Timed calls per method at grids >= 64.")
 _PAPER_SPARK = flags.DEFINE_bool(
     "paper_spark_config", False, "Run SPARK with the paper's defaults instead of planted settings."
@@ -72,7 +74,7 @@ def _miou(pred: np.ndarray, layout: np.ndarray) -> float:
 
 
 def _make_call(method: str, features: jax.Array, num_regions: int):
-    """(compiled callable with no arguments, function reading (labels, diagnostics) off its output)."""
+    """(compiled call without arguments, reader of (labels, diagnostics) off its output)."""
     if method == "spark":
         cfg = SparkConfig() if _PAPER_SPARK.value else PLANTED_SPARK
         compiled = segment_tokens.lower(features, cfg).compile()
@@ -83,7 +85,9 @@ def _make_call(method: str, features: jax.Array, num_regions: int):
         cfg = NCutConfig(eigensolver="eigh" if method == "ncut" else "lobpcg")
         compiled = recursive_ncut.lower(features, cfg).compile()
         return (lambda: compiled(features, cfg)), (
-            lambda r: (r.labels, f"eigensolves={int(r.num_eigensolves)} truncated={bool(r.truncated)}")
+            lambda r: (
+                r.labels, f"eigensolves={int(r.num_eigensolves)} truncated={bool(r.truncated)}"
+            )
         )
     if method == "autosc":
         cfg = AutoSCConfig()
@@ -103,7 +107,9 @@ def _make_call(method: str, features: jax.Array, num_regions: int):
 
 
 def run_grid(side: int, methods: list[str], repeats: int) -> dict[str, float]:
-    features_np, layout = planted_token_features(_SEED.value, side, side, _CHANNELS.value, _NOISE.value)
+    features_np, layout = planted_token_features(
+        _SEED.value, side, side, _CHANNELS.value, _NOISE.value
+    )
     features = jnp.asarray(features_np)
     num_regions = len(np.unique(layout))
     print(f"\n== {side}x{side} tokens (N = {side * side}), {_CHANNELS.value} channels, "

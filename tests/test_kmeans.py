@@ -85,7 +85,8 @@ def test_lloyd_matches_sklearn_from_the_same_init(data, k):
 def test_planted_regions_recovered_with_k_from_ground_truth():
     features, layout = planted_token_features(0, 16, 16, 32, 0.3)
     k = len(np.unique(layout))
-    result = kmeans_tokens(jnp.asarray(features), k, jax.random.key(0), KMeansConfig(max_clusters=8))
+    cfg = KMeansConfig(max_clusters=8)
+    result = kmeans_tokens(jnp.asarray(features), k, jax.random.key(0), cfg)
     chex.assert_shape(result.labels, (16, 16))
     chex.assert_type(result.labels, jnp.int32)
     pairs = set(zip(np.asarray(result.labels).ravel().tolist(), layout.ravel().tolist()))
