@@ -1,0 +1,294 @@
+r"""Benchmark: diffusion feature extraction in JAX vs diffusers PyTorch, same random SSD-1B-architecture weights.
+
+Three ways to get the same features (the SSD-1B feature point, down_blocks.2.attentions.1.
+transformer_blocks.3.attn1) from uint8 images, all in float32 on this machine's CPU:
+
+  reference  the reference pipeline's way: VAE + noise + the FULL UNet with a forward hook
+  truncated  PyTorch stopped at the feature point (the hook raises once it has the output)
+  jax        spark_jax's jitted extractor (Backbone.extract_features)
+
+Each (path, size) runs in its own spawned process so peak memory is per path. Times are the
+median of --repeats calls after one warm-up call (for JAX the warm-up includes compilation, reported
+separately). Prompt conditioning is random (77 x 2048 + 1280), as text encoders play no part in
+the per-image cost.
+
+Usage:
+  python -m experiments.bench_backbone --sizes=512,1024 --repeats=2
+
+The first run writes ~6 GB of random weights to --workdir (reused afterwards). Expect several
+minutes per size at 1024 px on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes", ["512", "1024"], "Image sides (the resolution the images are resized to).")
+flags.DEFINE_list("paths", ["reference", "truncated", "jax"], "Which extraction paths to time.")
+flags.DEFINE_integer("batch", 1, "Images per call.")
+flags.DEFINE_integer("repeats", 2, "Timed calls after the warm-up call.")
+flags.DEFINE_string("workdir", "/tmp/spark_jax_bench", "Where the random-weight checkpoint and cache live.")
+
+# SSD-1B UNet (reference facts, section 1) and the SDXL VAE.
+SSD1B_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2D",
+    transformer_layers_per_block=[1, 2, 4],
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    sample_size=1024,
+    scaling_factor=0.13025,
+)
+SCHEDULER = dict(
+    _class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+)
+TIMESTEP, SEED = 50, 42
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build_checkpoint(root: Path) -> None:
+    """Random-weight SSD-1B UNet + SDXL VAE saved in the diffusers layout (once)."""
+    if (root / "unet" / "diffusion_pytorch_model.safetensors").exists() and (root / "vae" / "config.json").exists():
+        return
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    log("building the SSD-1B-architecture UNet with random weights (1.3B parameters) ...")
+    unet = UNet2DConditionModel(**SSD1B_UNET)
+    log(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters; saving ...")
+    unet.save_pretrained(root / "unet", max_shard_size="20GB")
+    del unet
+    log("building and saving the SDXL-architecture VAE ...")
+    AutoencoderKL(**SDXL_VAE).save_pretrained(root / "vae")
+    (root / "scheduler").mkdir(parents=True, exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    log(f"checkpoint written to {root}")
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
+def _peak_gb() -> float:
+    """Peak RSS of this process (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _reset_peak() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0), so the peak covers extraction only."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _conditioning(size: int):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    return (
+        rng.standard_normal((77, 2048)).astype(np.float32),
+        rng.standard_normal((1280,)).astype(np.float32),
+        np.asarray([size, size, 0, 0, size, size], np.float32),
+    )
+
+
+def _images(size: int, batch: int):
+    import numpy as np
+
+    # One pixel larger than the target so the reference crop (side min(H, W) - 1) gives `size`.
+    return np.random.default_rng(2).integers(0, 256, (batch, size + 1, size + 1, 3), dtype=np.uint8)
+
+
+def _torch_extractor(root: Path, size: int, truncated: bool):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(root / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(root / "vae").eval()
+    sched = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+    ctx, pooled, ids = (torch.from_numpy(a)[None] for a in _conditioning(size))
+    attn1 = unet.down_blocks[-1].attentions[-1].transformer_blocks[-1].attn1
+    noise = torch.randn((1, 4, size // 8, size // 8), generator=torch.Generator().manual_seed(SEED))
+
+    class _Stop(Exception):
+        pass
+
+    captured = {}
+
+    def hook(module, inputs, output):
+        captured["features"] = output
+        if truncated:
+            raise _Stop
+
+    attn1.register_forward_hook(hook)
+
+    @torch.no_grad()
+    def extract(images):
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        side = min(x.shape[-2:]) - 1
+        top, left = round((x.shape[-2] - side) / 2), round((x.shape[-1] - side) / 2)
+        x = x[..., top : top + side, left : left + side]
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False) * 2 - 1
+        latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        b = latents.shape[0]
+        noisy = sched.add_noise(latents, noise.expand(b, -1, -1, -1), torch.tensor([TIMESTEP]))
+        try:
+            unet(noisy, TIMESTEP, encoder_hidden_states=ctx.expand(b, -1, -1),
+                 added_cond_kwargs={"text_embeds": pooled.expand(b, -1), "time_ids": ids.expand(b, -1)})
+        except _Stop:
+            pass
+        f = captured.pop("features")
+        h = size // 32
+        return f.reshape(b, h, h, -1)
+
+    return extract
+
+
+def _jax_extractor(root: Path, size: int):
+    import jax
+    import jax.numpy as jnp
+
+    from spark_jax.backbone import Backbone, BackboneConfig, Conditioning
+    from spark_jax.checkpoint import load_unet_encoder, load_vae_encoder
+    from spark_jax.conditioning import load_alphas_cumprod, shared_noise
+
+    cfg = BackboneConfig(resolution=size, cache_dir=str(root / "cache"))
+    t0 = time.perf_counter()
+    unet, unet_cfg = load_unet_encoder(root, cache_dir=cfg.cache_dir)
+    vae, vae_cfg = load_vae_encoder(root, cache_dir=cfg.cache_dir)
+    load_s = time.perf_counter() - t0
+    ctx, pooled, ids = (jnp.asarray(a) for a in _conditioning(size))
+    cond = Conditioning(
+        noise=shared_noise(SEED, (size // 8, size // 8, 4)),
+        alpha_bar=jnp.asarray(load_alphas_cumprod(root)[TIMESTEP], jnp.float32),
+        encoder_hidden_states=ctx, text_embeds=pooled, time_ids=ids,
+    )
+    backbone = Backbone(unet, vae, cond, cfg, unet_cfg, vae_cfg)
+
+    def extract(images):
+        return jax.block_until_ready(backbone.extract_features(images))
+
+    return extract, load_s
+
+
+def _child(path: str, size: int, batch: int, repeats: int, root: str, out: mp.Queue) -> None:
+    root = Path(root)
+    t0 = time.perf_counter()
+    load_s = None
+    if path == "jax":
+        extract, load_s = _jax_extractor(root, size)
+    else:
+        extract = _torch_extractor(root, size, truncated=path == "truncated")
+        load_s = time.perf_counter() - t0
+    images = _images(size, batch)
+    rss_loaded = _rss_gb()
+    peak_load = _peak_gb()
+    reset = _reset_peak()
+    t0 = time.perf_counter()
+    feats = extract(images)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        extract(images)
+        times.append(time.perf_counter() - t0)
+    out.put(dict(
+        path=path, size=size, load_s=load_s, first_s=first, time_s=statistics.median(times), times=times,
+        # With the reset, VmHWM is the peak while extracting; without it, the peak of the whole process.
+        rss_loaded_gb=rss_loaded, peak_gb=_peak_gb(), peak_reset=reset, load_peak_gb=peak_load,
+        peak_extract_gb=_peak_gb() - rss_loaded, shape=tuple(feats.shape),
+    ))
+
+
+def run(sizes: list[int], paths: list[str], batch: int, repeats: int, workdir: Path) -> list[dict]:
+    """Runs every (size, path) in its own process and prints a table of times and ratios."""
+    build_checkpoint(workdir)
+    ctx = mp.get_context("spawn")
+    results = []
+    for size in sizes:
+        for path in paths:
+            log(f"{path} at {size} px (batch {batch}): loading, warm-up, {repeats} timed call(s) ...")
+            q = ctx.Queue()
+            proc = ctx.Process(target=_child, args=(path, size, batch, repeats, str(workdir), q))
+            proc.start()
+            proc.join()
+            if proc.exitcode != 0:
+                log(f"  {path} failed with exit code {proc.exitcode}")
+                continue
+            r = q.get()
+            results.append(r)
+            log(f"  load {r['load_s']:.1f} s, first call {r['first_s']:.1f} s, median {r['time_s']:.2f} s, "
+                f"RSS after load {r['rss_loaded_gb']:.2f} GB, peak while extracting {r['peak_gb']:.2f} GB "
+                f"(+{r['peak_extract_gb']:.2f} GB over the loaded weights), features {r['shape']}")
+    print()
+    print(f"{'size':>5} {'path':>10} {'time (s)':>9} {'first (s)':>10} {'load (s)':>9} {'weights (GB)':>13} "
+          f"{'peak (GB)':>10} {'time / jax':>11}")
+    for size in sizes:
+        rows = {r["path"]: r for r in results if r["size"] == size}
+        jax_t = rows.get("jax", {}).get("time_s")
+        for path in paths:
+            if path not in rows:
+                continue
+            r = rows[path]
+            ratio = f"{r['time_s'] / jax_t:11.2f}" if jax_t else f"{'-':>11}"
+            print(f"{size:>5} {path:>10} {r['time_s']:9.2f} {r['first_s']:10.1f} {r['load_s']:9.1f} "
+                  f"{r['rss_loaded_gb']:13.2f} {r['peak_gb']:10.2f} {ratio}")
+    for size in sizes:
+        rows = {r["path"]: r for r in results if r["size"] == size}
+        if "jax" in rows:
+            for path, target in (("truncated", 1.0), ("reference", 2.0)):
+                if path in rows:
+                    ratio = rows[path]["time_s"] / rows["jax"]["time_s"]
+                    verdict = "met" if ratio >= target else "NOT met"
+                    print(f"{size} px: {path} / jax = {ratio:.2f} (target >= {target:.1f}: {verdict})")
+    return results
+
+
+def main(argv):
+    del argv
+    sizes = [int(s) for s in FLAGS.sizes]
+    run(sizes, FLAGS.paths, FLAGS.batch, FLAGS.repeats, Path(FLAGS.workdir))
+
+
+if __name__ == "__main__":
+    sys.setrecursionlimit(10000)
+    app.run(main)
