@@ -278,3 +278,15 @@ def test_bad_inputs_raise_clear_errors():
         recursive_ncut(jnp.zeros((4, 4, 8)), NCutConfig(eigensolver="lobpcg"))
     with pytest.raises(ValueError, match="tau"):
         NCutConfig(tau=-1.0).check_values()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eigensolver", ["eigh", "lobpcg"])
+def test_full_size_32x32_matches_transcription(eigensolver):
+    # DiffCut's token grid for a 1024 input, with SSD-1B's channel count.
+    features, _ = planted_token_features(5, 32, 32, 1280, 1.0)
+    cfg = NCutConfig(eigensolver=eigensolver)
+    result = recursive_ncut(jnp.asarray(features), cfg)
+    expected = reference_recursive_ncut(reference_affinity(features, cfg.alpha), cfg.tau)
+    np.testing.assert_array_equal(np.asarray(result.labels).ravel(), expected)
+    assert not bool(result.truncated)
