@@ -16,7 +16,7 @@ What follows DiffCut's evaluation (``eval_diffcut.py``; reference-facts section 
   * 10 iterations with dilations (1, 2, 4, 8) (the module's constructor defaults are 1 iteration and
     dilation 1; Araslanov & Roth's own setting is 10 iterations with dilations (1, 2, 4, 8, 12, 24)),
     applied at the 128x128 scoring size to the one-hot masks of the predicted labels, with the image
-    resized bilinearly (no anti-aliasing: ``spark_jax.upsample.resize_bilinear``) to 128x128 in [0, 1];
+    resized bilinearly (no anti-aliasing: ``spark_jax.preprocess.resize_bilinear``) to 128x128 in [0, 1];
   * then the argmax over labels (ties: lowest id) and a 3x3 median filter of the label map
     (``scipy.ndimage.median_filter(labels, 3)``, default ``mode='reflect'``; see ``median_filter_3x3``).
 The original module also resizes the masks to the image size (bilinear, ``align_corners=True``); in
@@ -31,7 +31,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PamrConfig", "pamr", "pamr_affinity", "median_filter_3x3", "compact_labels", "refine_labels"]
+__all__ = ["PamrConfig", "pamr", "pamr_affinity", "median_filter_3x3", "refine_labels"]
 
 # The 8 neighbour directions of a 3x3 window, row-major without the centre (the original module's order).
 _DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -196,31 +196,6 @@ def median_filter_3x3(labels: jax.Array) -> jax.Array:
     h, w = labels.shape
     window = jnp.stack([padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in _WINDOW], axis=-1)
     return jnp.sort(window, axis=-1)[..., 4]
-
-
-def compact_labels(labels: jax.Array, num_labels: int) -> tuple[jax.Array, jax.Array]:
-    """Order-preserving relabelling to ``0..count-1``, as DiffCut's PAMR step does with ``torch.unique``.
-
-    Lets a label map with sparse ids (e.g. SPARK's cluster ids, up to h*w of them) be refined with a
-    small static number of PAMR channels: ``refine_labels(image, compact, k_max)`` with ``count <= k_max``.
-    Monotone, so argmax ties and the median filter behave exactly as on the original ids.
-
-    Args:
-      labels: int ``[...]`` ids in ``[0, num_labels)``; ids outside are mapped to -1.
-      num_labels: static number of possible ids.
-
-    Returns:
-      ``(compact int32 [...], count int32 [])``: ``compact[i]`` = rank of ``labels[i]`` among the ids present.
-    """
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integers; got dtype {labels.dtype}.")
-    if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or num_labels < 1:
-        raise ValueError(f"num_labels must be a static int >= 1; got {num_labels!r}.")
-    inside = (labels >= 0) & (labels < num_labels)
-    present = jnp.zeros((num_labels,), bool).at[labels.ravel()].set(True, mode="drop")
-    rank = jnp.cumsum(present, dtype=jnp.int32) - 1
-    compact = jnp.where(inside, rank[jnp.clip(labels, 0, num_labels - 1)], -1)
-    return compact.astype(jnp.int32), jnp.sum(present, dtype=jnp.int32)
 
 
 def refine_labels(

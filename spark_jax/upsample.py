@@ -25,7 +25,6 @@ import numpy as np
 
 __all__ = [
     "bilinear_matrix",
-    "resize_bilinear",
     "upsample_soft_labels",
     "labels_from_soft_labels",
     "upsample_labels",
@@ -87,36 +86,6 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return mat.astype(np.float32)
 
 
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of a channels-last map, exactly torch's ``interpolate(mode='bilinear')``.
-
-    ``align_corners=False`` and no anti-aliasing, in both directions. Besides soft labels
-    (``upsample_soft_labels``), this is the image resize of DiffCut's PAMR step: the 1024x1024 input is
-    brought to the 128x128 mask size with ``F.interpolate(image, size=(128, 128), mode='bilinear')``.
-
-    Args:
-      x: ``[h, w, C]`` floating map.
-      size: static ``(H, W)``.
-
-    Returns:
-      ``[H, W, C]`` array of ``x``'s dtype.
-    """
-    if x.ndim != 3:
-        raise ValueError(
-            f"resize_bilinear expects a map of shape [h, w, K]; got shape {x.shape}. "
-            "Use jax.vmap for a batch, or add a trailing channel axis for a single map."
-        )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"resize_bilinear expects a floating map; got dtype {x.dtype}. Cast it first.")
-    out_h, out_w = _check_size(size)
-    h, w, _ = x.shape
-    rows = jnp.asarray(bilinear_matrix(h, out_h), dtype=x.dtype)
-    cols = jnp.asarray(bilinear_matrix(w, out_w), dtype=x.dtype)
-    # Rows first: the intermediate [H, w, K] is w/W of the output's size when upsampling.
-    t = jnp.einsum("Hh,hwk->Hwk", rows, x, precision=_PRECISION)
-    return jnp.einsum("Ww,Hwk->HWk", cols, t, precision=_PRECISION)
-
-
 def upsample_soft_labels(q: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Bilinear resampling of per-token soft labels (or any channels-last map) to ``size``.
 
@@ -132,7 +101,20 @@ def upsample_soft_labels(q: jax.Array, size: tuple[int, int]) -> jax.Array:
     Returns:
       ``[H, W, K]`` array of ``q``'s dtype.
     """
-    return resize_bilinear(q, size)
+    if q.ndim != 3:
+        raise ValueError(
+            f"upsample_soft_labels expects a map of shape [h, w, K]; got shape {q.shape}. "
+            "Use jax.vmap for a batch, or add a trailing channel axis for a single map."
+        )
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"upsample_soft_labels expects a floating map; got dtype {q.dtype}. Cast it first.")
+    out_h, out_w = _check_size(size)
+    h, w, _ = q.shape
+    rows = jnp.asarray(bilinear_matrix(h, out_h), dtype=q.dtype)
+    cols = jnp.asarray(bilinear_matrix(w, out_w), dtype=q.dtype)
+    # Rows first: the intermediate [H, w, K] is w/W of the output's size when upsampling.
+    t = jnp.einsum("Hh,hwk->Hwk", rows, q, precision=_PRECISION)
+    return jnp.einsum("Ww,Hwk->HWk", cols, t, precision=_PRECISION)
 
 
 def labels_from_soft_labels(soft_labels: jax.Array, valid: jax.Array | None = None) -> jax.Array:

@@ -16,7 +16,8 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from spark_jax.pamr import PamrConfig, compact_labels, median_filter_3x3, pamr, pamr_affinity, refine_labels
+from spark_jax.markov_flow import relabel_contiguous
+from spark_jax.pamr import PamrConfig, median_filter_3x3, pamr, pamr_affinity, refine_labels
 
 pamr_jit = jax.jit(pamr, static_argnames=("num_iter", "dilations"))
 refine_jit = jax.jit(refine_labels, static_argnums=(2, 3))
@@ -194,7 +195,7 @@ class TestMedianFilter:
 class TestCompactLabels:
     def test_matches_unique_relabelling(self):
         labels = np.random.default_rng(9).choice([3, 17, 40, 1023], size=(12, 12)).astype(np.int32)
-        compact, count = jax.jit(compact_labels, static_argnums=1)(jnp.asarray(labels), 1024)
+        compact, count = jax.jit(relabel_contiguous, static_argnums=1)(jnp.asarray(labels), 1024)
         chex.assert_type(compact, jnp.int32)
         assert int(count) == 4
         np.testing.assert_array_equal(np.asarray(compact), np.unique(labels, return_inverse=True)[1].reshape(12, 12))
@@ -202,15 +203,10 @@ class TestCompactLabels:
     def test_refining_compact_ids_is_refining_sparse_ids(self):
         image, labels = _image_and_labels(10, 16, 16, 3)
         sparse = labels * 7  # ids 0, 7, 14 of 15 slots
-        compact, _ = compact_labels(jnp.asarray(sparse), 15)
+        compact, _ = relabel_contiguous(jnp.asarray(sparse), 15)
         a = refine_jit(jnp.asarray(image), jnp.asarray(sparse), 15, PamrConfig())
         b = refine_jit(jnp.asarray(image), compact, 3, PamrConfig())
         np.testing.assert_array_equal(np.asarray(a), np.array([0, 7, 14])[np.asarray(b)])
-
-    def test_out_of_range_ids_become_minus_one(self):
-        compact, count = compact_labels(jnp.array([[0, 5], [9, -1]]), 6)
-        np.testing.assert_array_equal(np.asarray(compact), [[0, 1], [-1, -1]])
-        assert int(count) == 2
 
 
 class TestRefineLabels:

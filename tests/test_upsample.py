@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spark_jax.preprocess import resize_bilinear
 from spark_jax.upsample import (
     bilinear_matrix,
     concept_assignment,
     concept_scores,
     labels_from_soft_labels,
-    resize_bilinear,
     upsample_labels,
     upsample_soft_labels,
 )
@@ -115,7 +115,7 @@ class TestUpsampleSoftLabels:
     def test_image_resize_of_diffcut_pamr_step(self):
         # DiffCut's PAMR input: the 1024 image brought to 128 by F.interpolate(bilinear), no antialias.
         image = np.random.default_rng(7).random((1024, 1024, 3)).astype(np.float32)
-        out = jax.jit(resize_bilinear, static_argnums=1)(jnp.asarray(image), (128, 128))
+        out = jax.jit(resize_bilinear, static_argnums=(1, 2))(jnp.asarray(image), 128, 128)
         chex.assert_shape(out, (128, 128, 3))
         np.testing.assert_allclose(np.asarray(out), torch_bilinear(image, (128, 128)), atol=1e-5, rtol=0)
 
