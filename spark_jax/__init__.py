@@ -1,12 +1,28 @@
-"""spark-jax: training-free unsupervised semantic segmentation from diffusion features, in JAX."""
+"""spark-jax: training-free unsupervised semantic segmentation from diffusion features, in JAX.
+
+The public API; each name lives in the module named after its concept (see WORKSPACE.md).
+"""
 
 from spark_jax.config import SparkConfig
+from spark_jax.pamr import PamrConfig, pamr, refine_labels
+from spark_jax.pipeline import PipelineConfig, Segmentation, segment, segment_features
 from spark_jax.spark import SegmentResult, check_features, segment_tokens, segment_tokens_batch
+from spark_jax.upsample import concept_assignment, upsample_labels, upsample_soft_labels
 
 __all__ = [
+    "PamrConfig",
+    "PipelineConfig",
     "SegmentResult",
+    "Segmentation",
     "SparkConfig",
     "check_features",
+    "concept_assignment",
+    "pamr",
+    "refine_labels",
+    "segment",
+    "segment_features",
     "segment_tokens",
     "segment_tokens_batch",
+    "upsample_labels",
+    "upsample_soft_labels",
 ]
