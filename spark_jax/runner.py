@@ -63,6 +63,8 @@ __all__ = [
     "METHODS",
     "METHOD_FIELDS",
     "MethodInputs",
+    "MethodSpec",
+    "KMeansParams",
     "BACKBONES",
     "BackboneNotFoundError",
     "ResolvedBackbone",
@@ -199,15 +201,6 @@ class RunConfig:
         d["upsampling"] = self.resolved_upsampling
         return d
 
-    def method_only(self) -> RunConfig:
-        """This configuration with every field that does not change the method's output reset to its default
-        (the key under which the method's jitted function is shared between runs)."""
-        keep = {"method", "mask_size", "upsampling", *METHOD_FIELDS[self.method]}
-        defaults = RunConfig(method=self.method)
-        return dataclasses.replace(
-            defaults, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in keep}
-        )
-
 
 # RunConfig fields that belong to one method (recorded, and compared on resume, only when it runs).
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
@@ -328,22 +321,32 @@ class MethodInputs(NamedTuple):
     index: jax.Array
 
 
-# A method: MethodInputs -> (labels int32 [B, m, m] at the mask size, diagnostics {name: [B] numeric}).
-Method = Callable[[MethodInputs], tuple[jax.Array, dict[str, jax.Array]]]
+# A method: (MethodInputs, hyperparameters pytree) -> (labels int32 [B, m, m] at the mask size,
+# diagnostics {name: [B] numeric}). The hyperparameters are a jit *argument*: numeric ones are traced leaves,
+# so a sweep over them compiles once; structural ones live in the pytree's static metadata.
+Method = Callable[[MethodInputs, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def _spark_method(cfg: RunConfig) -> Method:
-    """SPARK (Eq. 1-12), masks by soft-label upsampling (or concept assignment with ``upsampling='concept'``).
+class MethodSpec(NamedTuple):
+    """A registered method.
 
-    The masks come from :func:`spark_jax.pipeline.segment_features` *without* PAMR: the reference applies PAMR
-    after the many-to-one background merge, which needs the ground truth, so the evaluator runs it (see
-    :func:`spark_jax.evaluation.score_image`'s ``refine``).
+    Attributes:
+        build: ``(mask_size, upsampling) -> Method``; jitted once per process for each key.
+        params: ``(RunConfig, token grid (h, w)) -> hyperparameters pytree``, on the host; raises ValueError on
+            settings that cannot work on that grid.
     """
-    cfg.spark.check_values()
-    pcfg = PipelineConfig(spark=cfg.spark, mask_size=(cfg.mask_size, cfg.mask_size),
-                          upsampling=cfg.resolved_upsampling, pamr=None)
 
-    def method(inputs: MethodInputs):
+    build: Callable[[int, str], Method]
+    params: Callable[[RunConfig, tuple[int, int]], Any]
+
+
+def _spark_build(mask_size: int, upsampling: str) -> Method:
+    """SPARK (Eq. 1-12) via :func:`spark_jax.pipeline.segment_features`, *without* PAMR: the reference applies
+    PAMR after the many-to-one background merge, which needs the ground truth, so the evaluator runs it (see
+    :func:`spark_jax.evaluation.score_image`'s ``refine``). ``params`` is the PipelineConfig."""
+    del mask_size, upsampling  # carried by the PipelineConfig (static fields)
+
+    def method(inputs: MethodInputs, pcfg: PipelineConfig):
         seg = segment_features(inputs.features, inputs.images, pcfg)
         tok = seg.tokens
         diag = {
@@ -358,20 +361,25 @@ def _spark_method(cfg: RunConfig) -> Method:
     return method
 
 
+def _spark_params(cfg: RunConfig, grid: tuple[int, int]) -> PipelineConfig:
+    cfg.spark.check_values()
+    return PipelineConfig(spark=cfg.spark, mask_size=(cfg.mask_size, cfg.mask_size),
+                          upsampling=cfg.resolved_upsampling, pamr=None)
+
+
 def _concept_masks(features: jax.Array, token_labels: jax.Array, num_labels: int, mask_size: int) -> jax.Array:
     """DiffCut's concept assignment of token labels [B, h, w] in [0, num_labels) to masks [B, m, m]."""
     assign = functools.partial(concept_assignment, num_labels=num_labels, size=(mask_size, mask_size))
     return jax.vmap(assign)(features, token_labels)
 
 
-def _diffcut_method(cfg: RunConfig) -> Method:
-    """DiffCut: recursive Normalized Cut (DiffCut Sec. 3.2, Algorithm 1), then concept assignment (Sec. 3.3)."""
-    ncfg = cfg.ncut
-    ncfg.check_values()
+def _diffcut_build(mask_size: int, upsampling: str) -> Method:
+    """DiffCut: recursive Normalized Cut (DiffCut Sec. 3.2, Algorithm 1), then concept assignment (Sec. 3.3).
+    ``params`` is the NCutConfig."""
 
-    def method(inputs: MethodInputs):
+    def method(inputs: MethodInputs, ncfg: NCutConfig):
         res = recursive_ncut_batch(inputs.features, ncfg)
-        labels = _concept_masks(inputs.features, res.labels, ncfg.max_segments, cfg.mask_size)
+        labels = _concept_masks(inputs.features, res.labels, ncfg.max_segments, mask_size)
         diag = {
             "num_segments": res.num_segments,
             "num_eigensolves": res.num_eigensolves,
@@ -383,15 +391,19 @@ def _diffcut_method(cfg: RunConfig) -> Method:
     return method
 
 
-def _autosc_method(cfg: RunConfig) -> Method:
-    """AutoSC: k-way spectral clustering with k and alpha from the largest relative eigengap (DiffCut Sec. 4.3),
-    then concept assignment."""
-    acfg = cfg.autosc
+def _diffcut_params(cfg: RunConfig, grid: tuple[int, int]) -> NCutConfig:
+    cfg.ncut.check_values()
+    return cfg.ncut
 
-    def method(inputs: MethodInputs):
+
+def _autosc_build(mask_size: int, upsampling: str) -> Method:
+    """AutoSC: k-way spectral clustering with k and alpha from the largest relative eigengap (DiffCut Sec. 4.3),
+    then concept assignment. ``params`` is the AutoSCConfig."""
+
+    def method(inputs: MethodInputs, acfg: AutoSCConfig):
         _, h, w, _ = inputs.features.shape
         res = autosc_batch(inputs.features, acfg)
-        labels = _concept_masks(inputs.features, res.labels, min(acfg.max_clusters, h * w), cfg.mask_size)
+        labels = _concept_masks(inputs.features, res.labels, min(acfg.max_clusters, h * w), mask_size)
         diag = {
             "num_clusters": res.num_clusters,
             "num_segments": res.num_segments,
@@ -405,25 +417,37 @@ def _autosc_method(cfg: RunConfig) -> Method:
     return method
 
 
-def _kmeans_method(cfg: RunConfig) -> Method:
-    """K-means on the (L2-normalised) token features, K fixed or K* from the ground truth (DiffCut App. F,
-    Table 9), then concept assignment."""
-    kcfg, k, seed = cfg.kmeans, cfg.kmeans_k, cfg.kmeans_seed
+def _autosc_params(cfg: RunConfig, grid: tuple[int, int]) -> AutoSCConfig:
+    return cfg.autosc
 
-    def method(inputs: MethodInputs):
-        _, h, w, _ = inputs.features.shape
-        bound = min(kcfg.max_clusters, h * w)
-        if isinstance(k, int) and k > bound:
-            raise ValueError(f"kmeans_k={k} exceeds the {h}x{w}={h * w} tokens of the feature grid")
-        if k == "gt":
-            wanted = jnp.where(inputs.num_classes > 0, inputs.num_classes, cfg.kmeans_unlabelled_k)
-        else:
-            wanted = jnp.full_like(inputs.num_classes, k)
+
+class KMeansParams(NamedTuple):
+    """The K-means method's hyperparameters (a pytree: K, the fallback K and the seed are traced).
+
+    Attributes:
+        kmeans: KMeansConfig, ``max_clusters`` lowered to the token count if larger.
+        k: int32 [], the fixed K, or 0 for K* from the ground truth.
+        unlabelled_k: int32 [], K of images without ground truth when ``k == 0``.
+        seed: int32 [], seed of the k-means++ initialisation.
+    """
+
+    kmeans: KMeansConfig
+    k: jax.Array
+    unlabelled_k: jax.Array
+    seed: jax.Array
+
+
+def _kmeans_build(mask_size: int, upsampling: str) -> Method:
+    """K-means on the (L2-normalised) token features, K fixed or K* from the ground truth (DiffCut App. F,
+    Table 9), then concept assignment. ``params`` is a KMeansParams."""
+
+    def method(inputs: MethodInputs, p: KMeansParams):
+        bound = p.kmeans.max_clusters
+        wanted = jnp.where(p.k > 0, p.k, jnp.where(inputs.num_classes > 0, inputs.num_classes, p.unlabelled_k))
         num = jnp.clip(wanted, 1, bound).astype(jnp.int32)
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(inputs.index)
-        res = jax.vmap(kmeans_tokens, in_axes=(0, 0, 0, None))(
-            inputs.features, num, keys, kcfg.replace(max_clusters=bound))
-        labels = _concept_masks(inputs.features, res.labels, bound, cfg.mask_size)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(p.seed), i))(inputs.index)
+        res = jax.vmap(kmeans_tokens, in_axes=(0, 0, 0, None))(inputs.features, num, keys, p.kmeans)
+        labels = _concept_masks(inputs.features, res.labels, bound, mask_size)
         present = jax.vmap(lambda lab: jnp.bincount(lab.ravel(), length=bound) > 0)(res.labels)
         nonfinite = jnp.sum(~jnp.all(jnp.isfinite(inputs.features), axis=-1), axis=(1, 2)).astype(jnp.int32)
         diag = {
@@ -440,21 +464,31 @@ def _kmeans_method(cfg: RunConfig) -> Method:
     return method
 
 
-# name -> factory(RunConfig) -> Method. Every method shares the backbone, the feature cache, the background merge,
-# PAMR and the scoring; only the token clustering (and its upsampling) differs.
-METHODS: dict[str, Callable[[RunConfig], Method]] = {
-    "spark": _spark_method,
-    "diffcut": _diffcut_method,
-    "autosc": _autosc_method,
-    "kmeans": _kmeans_method,
+def _kmeans_params(cfg: RunConfig, grid: tuple[int, int]) -> KMeansParams:
+    tokens = grid[0] * grid[1]
+    if isinstance(cfg.kmeans_k, int) and cfg.kmeans_k > tokens:
+        raise ValueError(f"kmeans_k={cfg.kmeans_k} exceeds the {grid[0]}x{grid[1]}={tokens} tokens of the "
+                         "feature grid")
+    k = 0 if cfg.kmeans_k == "gt" else cfg.kmeans_k
+    return KMeansParams(cfg.kmeans.replace(max_clusters=min(cfg.kmeans.max_clusters, tokens)), np.int32(k),
+                        np.int32(cfg.kmeans_unlabelled_k), np.int32(cfg.kmeans_seed))
+
+
+# name -> MethodSpec. Every method shares the backbone, the feature cache, the background merge, PAMR and the
+# scoring; only the token clustering (and its upsampling) differs.
+METHODS: dict[str, MethodSpec] = {
+    "spark": MethodSpec(_spark_build, _spark_params),
+    "diffcut": MethodSpec(_diffcut_build, _diffcut_params),
+    "autosc": MethodSpec(_autosc_build, _autosc_params),
+    "kmeans": MethodSpec(_kmeans_build, _kmeans_params),
 }
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_method(method_cfg: RunConfig) -> Callable:
-    """The method of ``method_cfg`` (a :meth:`RunConfig.method_only` key), jitted once per process: runs that
-    differ only in PAMR, dataset or output share its compilations."""
-    return jax.jit(METHODS[method_cfg.method](method_cfg))
+def _jitted_method(name: str, mask_size: int, upsampling: str) -> Callable:
+    """METHODS[name] jitted once per process: runs that differ in hyperparameters, PAMR, dataset or output
+    share its compilations (hyperparameters are traced arguments)."""
+    return jax.jit(METHODS[name].build(mask_size, upsampling))
 
 
 def classes_present(label: np.ndarray, space: LabelSpace, protocol: str) -> int:
@@ -631,8 +665,8 @@ def run(
         backbone_desc = f"user-supplied {type(backbone).__name__}"
         backbone_key = "user-" + _digest(backbone_desc + repr(getattr(backbone, "cfg", "")))
     resolution = _backbone_resolution(backbone)
-    method = _jitted_method(cfg.method_only())
-    executables: dict[Any, Any] = {}  # compiled method per input shape (one in practice: batches are padded)
+    method = _jitted_method(cfg.method, cfg.mask_size, cfg.resolved_upsampling)
+    executables: dict[Any, Any] = {}  # compiled method per input signature (one in practice: batches are padded)
 
     out = cfg.output_dir
     for sub in ("predictions", "overlays"):
@@ -699,18 +733,19 @@ def run(
                 index=_pad(jnp.asarray(batch, jnp.int32), pad),
             )
             inputs = jax.block_until_ready(inputs)
-            signature = tuple((a.shape, str(a.dtype)) for a in inputs)
+            params = METHODS[cfg.method].params(cfg, tuple(feats.shape[1:3]))
+            signature = (tuple((a.shape, str(a.dtype)) for a in inputs), jax.tree_util.tree_structure(params))
             if signature not in executables:
                 t = time.perf_counter()
-                executables[signature] = method.lower(inputs).compile()
+                executables[signature] = method.lower(inputs, params).compile()
                 # One untimed warm-up call: the first execution also pays one-off allocations.
-                jax.block_until_ready(executables[signature](inputs))
+                jax.block_until_ready(executables[signature](inputs, params))
                 timing["compile"] += time.perf_counter() - t
             # The clustering time: the jitted method alone, on device, waited for (no backbone, compilation,
             # PAMR or scoring). Every slot of the padded batch is computed, so a slot's share is the per-image
             # time.
             t = time.perf_counter()
-            labels, diag = jax.block_until_ready(executables[signature](inputs))
+            labels, diag = jax.block_until_ready(executables[signature](inputs, params))
             method_seconds = time.perf_counter() - t
             timing["method"] += method_seconds
             per_image_seconds = method_seconds / cfg.batch_size

@@ -1,5 +1,6 @@
 """The runner end to end: demo, a fixture Cityscapes tree, resume after interruption, feature cache, CLI."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,11 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from spark_jax.autosc import AutoSCConfig
 from spark_jax.config import SparkConfig
+from spark_jax.datasets.ade20k import ADE20K_LABEL_SPACE
 from spark_jax.datasets.base import Dataset, Sample
 from spark_jax.datasets.demo import DEMO_LABEL_SPACE, demo_image
+from spark_jax.datasets.voc import VOC_LABEL_SPACE
 from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
-from spark_jax.runner import BackboneNotFoundError, RunConfig, load_results, run
+from spark_jax.kmeans import KMeansConfig
+from spark_jax.ncut import NCutConfig, recursive_ncut_batch
+from spark_jax.preprocess import prepare_label
+from spark_jax.runner import BackboneNotFoundError, RunConfig, classes_present, load_results, run
 
 # Tiny and fast: 8x8 tokens (64 px input, 8 px patches), 32x32 masks. Settings suited to the demo's planted
 # regions (reference-facts section 8); the paper's defaults are exercised by the CLI test.
@@ -258,3 +265,172 @@ def test_a_raw_image_backbone_gets_one_shape_per_call(tmp_path):
     m = run(tiny_cfg(tmp_path, batch_size=4), dataset=MixedShapes(3), backbone=bb, quiet=True)
     assert m["num_images_scored"] == 4 and m["config"]["backbone"] == "user-supplied RawOnlyBackbone"
     assert [c[1:3] for c in bb.calls] == [(48, 64), (50, 40), (48, 64), (50, 40)]
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+BASELINES = ["diffcut", "autosc", "kmeans"]
+OWN_FIELDS = {"spark": {"spark"}, "diffcut": {"ncut"}, "autosc": {"autosc"},
+              "kmeans": {"kmeans", "kmeans_k", "kmeans_unlabelled_k", "kmeans_seed"}}
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_a_baseline_runs_through_the_shared_pipeline_and_records_its_config_and_time(tmp_path, method):
+    m = run(tiny_cfg(tmp_path, method=method), dataset=TinyDemo(2), quiet=True)
+    assert m["method"] == method and m["num_images_scored"] == 2 and m["num_images"] == 3
+    assert 0.0 <= m["miou"] <= 1.0 and m["pixel_accuracy"] > 0.4  # one cluster for all would score ~1/6
+    run_cfg = m["config"]["run"]
+    # only this method's hyperparameters are recorded; the baselines use DiffCut's concept assignment
+    others = set().union(*OWN_FIELDS.values()) - OWN_FIELDS[method]
+    assert OWN_FIELDS[method] <= set(run_cfg) and not others & set(run_cfg)
+    assert run_cfg["upsampling"] == "concept"
+    t = m["clustering_seconds_per_image"]
+    assert t["num_images"] == 3 and 0 < t["median"] and 0 < t["mean"] < m["timing"]["this_session_seconds"]
+    assert m["timing"]["stage_seconds"]["compile"] > 0
+    assert m["diagnostics_mean"]["num_segments"] >= 1 and m["diagnostics_mean"]["num_nonfinite_tokens"] == 0
+    records = load_results(os.path.join(tmp_path, "results.jsonl"))
+    assert all(r["clustering_seconds"] > 0 for r in records)
+    for name in os.listdir(tmp_path / "predictions"):
+        assert np.asarray(Image.open(tmp_path / "predictions" / name)).shape == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "method, change",
+    [
+        ("diffcut", {"ncut": NCutConfig(tau=0.3)}),
+        ("autosc", {"autosc": AutoSCConfig(alphas=(1.0, 5.0))}),
+        ("kmeans", {"kmeans_k": 3}),
+        ("kmeans", {"kmeans_seed": 1}),
+        ("diffcut", {"method": "kmeans"}),
+    ],
+)
+def test_resume_refuses_a_changed_method_or_method_config(tmp_path, method, change):
+    cfg = tiny_cfg(tmp_path, method=method, limit=1)
+    run(cfg, dataset=TinyDemo(1), quiet=True)
+    with pytest.raises(ValueError, match="another configuration"):
+        run(dataclasses.replace(cfg, **change), dataset=TinyDemo(1), quiet=True)
+
+
+def test_another_methods_settings_do_not_block_a_resume(tmp_path):
+    cfg = tiny_cfg(tmp_path, method="diffcut", limit=1)
+    run(cfg, dataset=TinyDemo(1), quiet=True)
+    calls = []
+    m = run(dataclasses.replace(cfg, spark=SPARK.replace(inflation=2.0), kmeans_k=3), dataset=TinyDemo(1),
+            on_image=calls.append, quiet=True)
+    assert calls == [] and m["num_images_scored"] == 1
+
+
+def test_kmeans_k_star_is_the_number_of_classes_in_each_ground_truth(tmp_path):
+    m = run(tiny_cfg(tmp_path, method="kmeans", kmeans_k="gt"), dataset=TinyDemo(3), quiet=True)
+    assert m["config"]["run"]["kmeans_k"] == "gt"
+    records = load_results(os.path.join(tmp_path, "results.jsonl"))
+    for r in records:
+        if r["scored"]:
+            gt = prepare_label(TinyDemo(3)[r["index"]].label, 32)
+            assert r["num_classes_present"] == len(np.unique(np.asarray(gt))) >= 2
+            assert r["diagnostics"]["num_clusters"] == r["num_classes_present"]
+        else:
+            assert r["num_classes_present"] == 0 and r["diagnostics"]["num_clusters"] == 6  # kmeans_unlabelled_k
+        assert r["diagnostics"]["num_segments"] <= r["diagnostics"]["num_clusters"]
+        assert r["diagnostics"]["k_clipped"] is False
+
+
+def test_kmeans_results_do_not_depend_on_batching_or_resuming(tmp_path):
+    """Each image's seed is folded from its dataset index, not from its batch."""
+    full = run(tiny_cfg(tmp_path / "full", method="kmeans"), dataset=TinyDemo(3), quiet=True)
+
+    def crash_after_one(image_id):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_cfg(tmp_path / "resumed", method="kmeans"), dataset=TinyDemo(3), on_image=crash_after_one,
+            quiet=True)
+    # batches were [0, 1], [2, photo]; the resumed run batches [1, 2], [photo]
+    resumed = run(tiny_cfg(tmp_path / "resumed", method="kmeans"), dataset=TinyDemo(3), quiet=True)
+    assert resumed["miou"] == full["miou"]
+    for name in os.listdir(tmp_path / "full" / "predictions"):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "full" / "predictions" / name)),
+                                      np.asarray(Image.open(tmp_path / "resumed" / "predictions" / name)))
+
+
+@pytest.mark.parametrize(
+    "space, label, standard, diffcut",
+    [
+        (VOC_LABEL_SPACE, [[0, 8], [8, 255]], 2, 2),
+        (VOC_LABEL_SPACE, [[8, 8], [8, 255]], 1, 2),  # DiffCut scores void as background
+        (ADE20K_LABEL_SPACE, [[3, 3], [4, 255]], 2, 3),  # DiffCut scores "other" (our ignore) as class 0
+        (ADE20K_LABEL_SPACE, [[149, 149], [3, 3]], 2, 1),  # ... and drops the last class
+        (DEMO_LABEL_SPACE, [[255, 255], [255, 255]], 0, 0),
+    ],
+)
+def test_classes_present_counts_what_the_protocol_scores(space, label, standard, diffcut):
+    label = np.asarray(label, np.int32)
+    assert classes_present(label, space, "standard") == standard
+    assert classes_present(label, space, "diffcut") == diffcut
+
+
+def test_baselines_refuse_soft_label_upsampling_and_bad_kmeans_k():
+    with pytest.raises(ValueError, match="concept"):
+        RunConfig(method="diffcut", upsampling="soft_labels")
+    assert RunConfig(method="autosc").resolved_upsampling == "concept"
+    assert RunConfig(method="spark").resolved_upsampling == "soft_labels"
+    with pytest.raises(ValueError, match="kmeans_k"):
+        RunConfig(method="kmeans", kmeans_k="auto")
+    with pytest.raises(ValueError, match="kmeans_max_clusters"):
+        RunConfig(method="kmeans", kmeans_k=40, kmeans=KMeansConfig(max_clusters=32))
+    with pytest.raises(ValueError, match="tau"):
+        RunConfig(method="diffcut", ncut=NCutConfig(tau=-1.0))
+
+
+def test_kmeans_k_above_the_token_count_is_a_clear_error(tmp_path):
+    cfg = tiny_cfg(tmp_path, method="kmeans", kmeans_k=65, kmeans=KMeansConfig(max_clusters=80), limit=1)
+    with pytest.raises(ValueError, match="exceeds the 8x8=64 tokens"):
+        run(cfg, dataset=TinyDemo(1), quiet=True)
+
+
+def test_flags_cover_every_method_hyperparameter():
+    from absl import flags
+
+    from experiments import run as cli
+    from experiments.run_flags import CONFIG_FLAGS
+
+    fv = flags.FLAGS
+    for cls, (prefix, _, _) in CONFIG_FLAGS.items():
+        for field in dataclasses.fields(cls):
+            assert prefix + field.name in fv, f"no flag for {cls.__name__}.{field.name}"
+    argv = ["run", "--method=diffcut", "--ncut_tau=0.3", "--ncut_eigensolver=lobpcg", "--autosc_alphas=1,5",
+            "--kmeans_k=3", "--kmeans_num_local_trials=2", "--beta=0.7", "--batch_size=2"]
+    try:
+        fv(argv)
+        cfg = cli.config_from_flags()
+        assert cfg.method == "diffcut" and cfg.ncut == NCutConfig(tau=0.3, eigensolver="lobpcg")
+        assert cfg.autosc.alphas == (1.0, 5.0) and cfg.kmeans_k == 3 and cfg.kmeans.num_local_trials == 2
+        assert cfg.spark.beta == 0.7 and cfg.upsampling is None and cfg.resolved_upsampling == "concept"
+        fv.unparse_flags()
+        fv(["run", "--kmeans_k=gt", "--autosc_alphas=1,x"])
+        with pytest.raises(ValueError, match="autosc_alphas"):
+            cli.config_from_flags()
+    finally:
+        fv.unparse_flags()
+
+
+def test_a_sweep_over_numeric_hyperparameters_compiles_once(tmp_path, monkeypatch):
+    import spark_jax.runner as runner
+
+    traces = []
+
+    def counting(features, cfg):
+        traces.append(cfg)
+        return recursive_ncut_batch(features, cfg)
+
+    monkeypatch.setattr(runner, "recursive_ncut_batch", counting)
+    runner._jitted_method.cache_clear()
+    try:
+        for k, tau in enumerate((0.5, 0.3)):
+            run(tiny_cfg(tmp_path / f"tau{k}", method="diffcut", ncut=NCutConfig(tau=tau), limit=1),
+                dataset=TinyDemo(1), quiet=True)
+        assert len(traces) == 1  # tau and alpha are traced leaves of NCutConfig
+        run(tiny_cfg(tmp_path / "static", method="diffcut", ncut=NCutConfig(max_segments=16), limit=1),
+            dataset=TinyDemo(1), quiet=True)
+        assert len(traces) == 2  # a structural field recompiles
+    finally:
+        runner._jitted_method.cache_clear()
