@@ -41,6 +41,8 @@ class BackboneConfig:
       resolution: side of the square the images are resized to (1024 in the papers).
       timestep: diffusion timestep t of the forward noising (50).
       seed: seed of the noise tensor shared by every image (42).
+      noise_source: "jax" (JAX's generator) or "torch" (the reference's exact CPU draw; torch is
+        needed once, then the draw is cached).
       unet_dtype: "float32", "bfloat16" or "float16" for the UNet; the VAE always runs in float32.
         The reference ran float16 on GPU; float32 is the default here because it is exact and
         reduced precision is slow on CPUs.
@@ -53,6 +55,7 @@ class BackboneConfig:
     resolution: int = 1024
     timestep: int = 50
     seed: int = 42
+    noise_source: str = "jax"
     unet_dtype: str = "float32"
     prompt: str = ""
     antialias: bool = True
@@ -62,6 +65,8 @@ class BackboneConfig:
     def __post_init__(self):
         if self.unet_dtype not in _DTYPES:
             raise ValueError(f"unet_dtype={self.unet_dtype!r}; choose one of {sorted(_DTYPES)}")
+        if self.noise_source not in ("jax", "torch"):
+            raise ValueError(f"noise_source={self.noise_source!r}; choose 'jax' or 'torch'")
         if self.resolution <= 0:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
 
@@ -255,7 +260,9 @@ def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig(
         raise ValueError(f"timestep {cfg.timestep} is outside the schedule's [0, {len(abar)})")
     side = cfg.resolution // vae_cfg.downscale
     cond = Conditioning(
-        noise=shared_noise(cfg.seed, (side, side, vae_cfg.latent_channels)),
+        noise=shared_noise(
+            cfg.seed, (side, side, vae_cfg.latent_channels), source=cfg.noise_source, cache_dir=cfg.cache_dir
+        ),
         alpha_bar=jnp.asarray(abar[cfg.timestep], jnp.float32),
         encoder_hidden_states=jnp.asarray(emb.encoder_hidden_states, jnp.float32),
         text_embeds=None if emb.text_embeds is None else jnp.asarray(emb.text_embeds, jnp.float32),

@@ -210,10 +210,40 @@ def add_noise(latents: jax.Array, noise: jax.Array, alpha_bar: float | jax.Array
     return (jnp.sqrt(alpha_bar) * latents + jnp.sqrt(1.0 - alpha_bar) * noise).astype(latents.dtype)
 
 
-def shared_noise(seed: int, shape: tuple[int, int, int]) -> jax.Array:
+def shared_noise(
+    seed: int, shape: tuple[int, int, int], *, source: str = "jax", cache_dir: str | os.PathLike | None = None
+) -> jax.Array:
     """One standard-normal noise tensor [1, h, w, c] from ``seed``, shared by every image of a batch.
 
-    The reference draws it with ``torch.Generator().manual_seed(42)``; this one comes from JAX's
-    generator: same distribution, another sample.
+    Args:
+      seed: generator seed (42 in the reference).
+      shape: (h, w, c) of one latent.
+      source: "jax" draws from JAX's generator (same distribution as the reference, another
+        sample); "torch" reproduces the reference's draw ``torch.randn((1, c, h, w),
+        generator=torch.Generator("cpu").manual_seed(seed))`` exactly. It needs torch on first use
+        and is then cached as ``.npy``. (A CUDA generator draws other numbers than the CPU one.)
+      cache_dir: cache of the torch draw (default ``default_cache_dir()``).
     """
-    return jax.random.normal(jax.random.key(seed), (1, *shape), jnp.float32)
+    if source == "jax":
+        return jax.random.normal(jax.random.key(seed), (1, *shape), jnp.float32)
+    if source != "torch":
+        raise ValueError(f"noise source {source!r}; choose 'jax' or 'torch'")
+    h, w, c = shape
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = root / "noise" / f"torch-cpu-seed{seed}-{c}x{h}x{w}.npy"
+    if path.is_file():
+        return jnp.asarray(np.load(path))
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(
+            "noise source 'torch' needs torch once to draw the reference noise (pip install 'spark_jax[torch]'); "
+            "afterwards it is read from the cache"
+        ) from e
+    eps = torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    arr = np.ascontiguousarray(eps.numpy().transpose(0, 2, 3, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+    return jnp.asarray(arr)

@@ -111,8 +111,21 @@ def test_extractor_compiles_once_per_shape(backbone, images):
     assert backbone._jitted._cache_size() == before
 
 
+def test_torch_noise_source_reproduces_the_reference_draw_and_is_cached(tmp_path, monkeypatch):
+    from spark_jax.conditioning import shared_noise
+
+    ours = shared_noise(42, (8, 6, 4), source="torch", cache_dir=tmp_path)
+    ref = torch.randn((1, 4, 8, 6), generator=torch.Generator("cpu").manual_seed(42))
+    chex.assert_shape(ours, (1, 8, 6, 4))
+    np.testing.assert_array_equal(np.asarray(ours), ref.numpy().transpose(0, 2, 3, 1))
+    monkeypatch.setattr(torch, "randn", None)  # a second draw must come from the cache
+    np.testing.assert_array_equal(shared_noise(42, (8, 6, 4), source="torch", cache_dir=tmp_path), ours)
+
+
 def test_backbone_config_rejects_bad_values(sdxl_root, tmp_path):
     with pytest.raises(ValueError, match="unet_dtype"):
         BackboneConfig(unet_dtype="float8")
+    with pytest.raises(ValueError, match="noise_source"):
+        BackboneConfig(noise_source="numpy")
     with pytest.raises(ValueError, match="multiple of 32"):
         load_backbone(sdxl_root, BackboneConfig(resolution=100, cache_dir=str(tmp_path)))
