@@ -167,7 +167,7 @@ def _torch_extractor(root: Path, size: int, truncated: bool):
         side = min(x.shape[-2:]) - 1
         top, left = round((x.shape[-2] - side) / 2), round((x.shape[-1] - side) / 2)
         x = x[..., top : top + side, left : left + side]
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False) * 2 - 1
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=False, align_corners=False) * 2 - 1
         latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
         b = latents.shape[0]
         noisy = sched.add_noise(latents, noise.expand(b, -1, -1, -1), torch.tensor([TIMESTEP]))

@@ -28,6 +28,7 @@ from spark_jax.checkpoint import CheckpointError, load_unet_encoder, load_vae_en
 from spark_jax.conditioning import add_noise, load_alphas_cumprod, prompt_embeddings, sdxl_time_ids, shared_noise
 from spark_jax.models.unet_encoder import UNetEncoder, UNetEncoderConfig
 from spark_jax.models.vae_encoder import VAEEncoder, VAEEncoderConfig
+from spark_jax.preprocess import prepare_image
 
 _log = logging.getLogger(__name__)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -47,7 +48,6 @@ class BackboneConfig:
         The reference ran float16 on GPU; float32 is the default here because it is exact and
         reduced precision is slow on CPUs.
       prompt: the text prompt ("" in the papers).
-      antialias: antialiased bilinear downsizing (as torchvision's and PIL's resize do).
       variant: weight-file variant ("fp16" for ``*.fp16.safetensors``) or None for the default.
       cache_dir: cache of converted weights and prompt embeddings (default ``~/.cache/spark_jax``).
     """
@@ -58,7 +58,6 @@ class BackboneConfig:
     noise_source: str = "jax"
     unet_dtype: str = "float32"
     prompt: str = ""
-    antialias: bool = True
     variant: str | None = None
     cache_dir: str | None = None
 
@@ -89,43 +88,26 @@ class Conditioning(NamedTuple):
     time_ids: jax.Array | None
 
 
-def crop_box(height: int, width: int) -> tuple[int, int, int]:
-    """(top, left, side) of the reference center crop: side min(H, W) - 1, offsets rounded as torchvision's CenterCrop."""
-    side = min(height, width) - 1
-    if side < 1:
-        raise ValueError(f"images of {height}x{width} pixels are too small to crop")
-    return int(round((height - side) / 2.0)), int(round((width - side) / 2.0)), side
-
-
-def preprocess_images(images: jax.Array, *, resolution: int, antialias: bool = True) -> jax.Array:
-    """Reference preprocessing: center crop, bilinear resize, map to [-1, 1].
+def preprocess_images(images: jax.Array, *, resolution: int) -> jax.Array:
+    """Reference preprocessing: center crop, bilinear resize (``preprocess.prepare_image``), map to [-1, 1].
 
     Args:
       images: [B, H, W, 3] uint8 in [0, 255] or floating in [0, 1].
       resolution: output side.
-      antialias: antialias when downsizing.
 
     Returns:
-      [B, resolution, resolution, 3] float32 in [-1, 1].
+      [B, resolution, resolution, 3] float32 in [-1, 1], the VAE's input convention.
     """
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(
             f"images must be [B, H, W, 3] RGB (NHWC), got shape {tuple(images.shape)}; add a batch axis "
             "or move channels last"
         )
-    if jnp.issubdtype(images.dtype, jnp.integer):
-        if images.dtype != jnp.uint8:
-            raise ValueError(f"integer images must be uint8 in [0, 255], got {images.dtype}")
-        x = images.astype(jnp.float32) / 255.0
-    elif jnp.issubdtype(images.dtype, jnp.floating):
-        x = images.astype(jnp.float32)
-    else:
+    if jnp.issubdtype(images.dtype, jnp.integer) and images.dtype != jnp.uint8:
+        raise ValueError(f"integer images must be uint8 in [0, 255], got {images.dtype}")
+    if not (images.dtype == jnp.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
         raise ValueError(f"images must be uint8 or floating, got {images.dtype}")
-    b, h, w, _ = x.shape
-    top, left, side = crop_box(h, w)
-    x = x[:, top : top + side, left : left + side, :]
-    x = jax.image.resize(x, (b, resolution, resolution, 3), method="linear", antialias=antialias)
-    return 2.0 * x - 1.0
+    return 2.0 * prepare_image(images, resolution) - 1.0
 
 
 def extract_features(
@@ -136,7 +118,6 @@ def extract_features(
     *,
     timestep: int,
     resolution: int,
-    antialias: bool = True,
     unet_dtype: jnp.dtype = jnp.float32,
 ) -> jax.Array:
     """Diffusion features of a batch of images (pure; jit it or use ``Backbone``).
@@ -148,13 +129,12 @@ def extract_features(
       cond: per-checkpoint constants (noise, abar_t, prompt embeddings, time ids).
       timestep: t passed to the UNet (must match ``cond.alpha_bar``).
       resolution: side the images are resized to.
-      antialias: antialiased downsizing.
       unet_dtype: compute dtype of the UNet.
 
     Returns:
       [B, h, w, C] float32 features (h = w = resolution / (8 * 2^feature_block) for SD-family VAEs).
     """
-    x = preprocess_images(images, resolution=resolution, antialias=antialias)
+    x = preprocess_images(images, resolution=resolution)
     latents = vae(x)
     noisy = add_noise(latents, cond.noise, cond.alpha_bar)
     b = images.shape[0]
@@ -193,6 +173,11 @@ class Backbone:
         self._jitted = jax.jit(self._run)
 
     @property
+    def resolution(self) -> int:
+        """Side of the square the images are resized to before the VAE."""
+        return self.cfg.resolution
+
+    @property
     def feature_shape(self) -> tuple[int, int, int]:
         """(h, w, C) of the features of one image."""
         side = self.cfg.resolution // (self.vae_config.downscale * self.unet_config.feature_stride)
@@ -201,7 +186,7 @@ class Backbone:
     def _run(self, unet_params, vae_params, cond: Conditioning, images: jax.Array) -> jax.Array:
         return extract_features(
             nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), images, cond,
-            timestep=self.cfg.timestep, resolution=self.cfg.resolution, antialias=self.cfg.antialias,
+            timestep=self.cfg.timestep, resolution=self.cfg.resolution,
             unet_dtype=_DTYPES[self.cfg.unet_dtype],
         )
 
@@ -275,7 +260,6 @@ __all__ = [
     "Backbone",
     "BackboneConfig",
     "Conditioning",
-    "crop_box",
     "extract_features",
     "load_backbone",
     "preprocess_images",

@@ -13,7 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from test_backbone_helpers import build_tiny_pipeline, hooked_unet_features  # noqa: E402
 
-from spark_jax.backbone import BackboneConfig, crop_box, load_backbone, preprocess_images  # noqa: E402
+from spark_jax.backbone import BackboneConfig, load_backbone, preprocess_images  # noqa: E402
 
 RES = 128  # tiny VAE downscales 8x, tiny UNet 4x more before the feature point: 4x4 tokens
 
@@ -34,15 +34,6 @@ def images():
     return np.random.default_rng(0).integers(0, 256, (2, 100, 90, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize(
-    "hw,box",
-    [((100, 90), (6, 0, 89)), ((90, 100), (0, 6, 89)), ((64, 64), (0, 0, 63)), ((500, 375), (63, 0, 374))],
-)
-def test_crop_box_is_reference_center_crop(hw, box):
-    """Side min(H, W) - 1, offsets rounded like torchvision's CenterCrop."""
-    assert crop_box(*hw) == box
-
-
 @pytest.mark.parametrize("shape", [(1, 37, 53, 3), (2, 64, 64, 3)])
 def test_preprocess_maps_uint8_and_float_alike_to_minus_one_one(shape):
     u8 = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
@@ -54,13 +45,14 @@ def test_preprocess_maps_uint8_and_float_alike_to_minus_one_one(shape):
     assert float(out_u8.min()) >= -1.0 and float(out_u8.max()) <= 1.0
 
 
-def test_preprocess_crops_before_resizing():
-    """A border outside the crop must not leak into the output."""
-    img = np.zeros((1, 41, 60, 3), np.float32)
-    top, left, side = crop_box(41, 60)
-    img[:, top : top + side, left : left + side] = 1.0
-    out = preprocess_images(jnp.asarray(img), resolution=16)
-    np.testing.assert_allclose(out, 1.0, atol=1e-6)
+def test_preprocess_is_the_shared_reference_crop_and_resize_in_minus_one_one():
+    """The VAE sees preprocess.prepare_image's output (DiffCut's loader), mapped to [-1, 1]."""
+    from spark_jax.preprocess import prepare_image
+
+    img = np.random.default_rng(4).integers(0, 256, (2, 41, 60, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        preprocess_images(jnp.asarray(img), resolution=16), 2.0 * prepare_image(jnp.asarray(img), 16) - 1.0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -77,7 +69,7 @@ def test_extract_features_matches_diffusers_pipeline(backbone, sdxl_root, images
     """VAE mean x scale, DDPM noise at t=50, empty-prompt SDXL conditioning, hooked attn1: as in diffusers."""
     feats = backbone.extract_features(images)
     chex.assert_shape(feats, (2, *backbone.feature_shape))
-    assert backbone.feature_shape == (4, 4, 64)
+    assert backbone.feature_shape == (4, 4, 64) and backbone.resolution == RES
     chex.assert_tree_all_finite(feats)
 
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_root)
