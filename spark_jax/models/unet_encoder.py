@@ -123,14 +123,15 @@ class UNetEncoderConfig:
         if any(only_cross if isinstance(only_cross, list) else [only_cross]):
             raise fail("only_cross_attention=True is not supported")
 
-        down = tuple(config.get("down_block_types", ()))
+        # Missing fields take diffusers' UNet2DConditionModel defaults (the SD 1.x layout).
+        down = tuple(config.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)))
         for t in down:
             if t not in _DOWN_BLOCKS:
                 raise fail(f"down block type {t!r} is not supported (supported: {_DOWN_BLOCKS})")
         if "CrossAttnDownBlock2D" not in down:
             raise fail("no CrossAttnDownBlock2D: the model has no self-attention feature point")
         n = len(down)
-        boc = tuple(int(c) for c in config["block_out_channels"])
+        boc = tuple(int(c) for c in config.get("block_out_channels", (320, 640, 1280, 1280)))
         if len(boc) != n:
             raise fail(f"block_out_channels {boc} and down_block_types {down} differ in length")
 
