@@ -90,7 +90,6 @@ flags.DEFINE_list("datasets", list(DATASET_ORDER),
                   "Benchmarks to compare on; real ones are looked for under --data_dir and skipped with a note when "
                   "absent.")
 flags.DEFINE_list("methods", list(ENTRIES), f"Methods to compare, among {', '.join(ENTRIES)}.")
-flags.DEFINE_string("output_dir", "outputs/compare", "Folder of the runs, the feature cache and comparison.md.")
 FLAGS.set_default("batch_size", 1)  # per-image clustering time, as the papers report it
 
 
@@ -302,16 +301,17 @@ def to_markdown(summary: dict[str, Any]) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    output_dir = FLAGS.output_dir or "outputs/compare"
     try:
         base = run_flags.run_config_from_flags()
-        summary = compare(base, datasets=FLAGS.datasets, methods=FLAGS.methods, output_dir=FLAGS.output_dir)
+        summary = compare(base, datasets=FLAGS.datasets, methods=FLAGS.methods, output_dir=output_dir)
     except (DatasetNotFoundError, BackboneNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not summary["datasets"]:
         print("error: no dataset available (see the notes above)", file=sys.stderr)
         return 2
-    print(f"comparison: {os.path.abspath(os.path.join(FLAGS.output_dir, 'comparison.md'))}")
+    print(f"comparison: {os.path.abspath(os.path.join(output_dir, 'comparison.md'))}")
     return 0
 
 

@@ -34,7 +34,6 @@ flags.DEFINE_enum("dataset", "demo", sorted(DATASETS), "Benchmark to evaluate.")
 flags.DEFINE_enum("method", "spark", sorted(METHODS),
                   "Segmentation method: spark, or a baseline on the same features, upsampling, PAMR and scoring: "
                   "diffcut (recursive NCut), autosc (eigengap spectral clustering), kmeans.")
-flags.DEFINE_string("output_dir", None, "Output folder (default outputs/<dataset>-<method>-<protocol>).")
 flags.DEFINE_bool("pamr", True, "Refine with PAMR after the background merge (the paper's setting).")
 flags.DEFINE_enum("upsampling", None, ["soft_labels", "concept"],
                   "Token labels -> masks: SPARK's soft-label upsampling or DiffCut's concept assignment (default: "
