@@ -78,9 +78,11 @@ class NCutConfig:
       alpha: elementwise power of the min-max-rescaled cosine affinity (Eq. 3). Paper: 10.
       threshold_scale: the candidate thresholds span [s min(y), s max(y)]; released code: 0.99.
       num_thresholds: number of candidate splitting points ("l" of Sec. 3.2). Released code: 100.
-      max_segments: static bound on the number of final segments (DiffCut has none). When it is
-        reached, segments still waiting to be cut stay whole and `truncated` is set. The loop
-        runs at most 2 * max_segments - 1 eigendecompositions.
+      max_segments: static bound on the number of final segments. None (default) bounds it by
+        the token count only, i.e. no bound, as DiffCut: the loop's length is set by the data
+        (2L - 1 eigendecompositions for L segments), so the bound costs nothing until reached.
+        A bound caps the worst-case run time (at most 2 * max_segments - 1 eigensolves); when
+        it is reached, segments still waiting to be cut stay whole and `truncated` is set.
       eigensolver: 'eigh' (dense symmetric eigendecomposition, exact; the released code's
         choice) or 'lobpcg' (block LOBPCG on the deflated normalised affinity for segments of
         more than 256 tokens, matrix-vector products only: much cheaper at N = 4096; smaller
@@ -99,7 +101,7 @@ class NCutConfig:
     alpha: float = 10.0
     threshold_scale: float = 0.99
     num_thresholds: int = 100
-    max_segments: int = 64
+    max_segments: int | None = None
     eigensolver: Eigensolver = "eigh"
     lobpcg_iterations: int = 200
     exclude_zero_affinity_nodes: bool = False
@@ -108,8 +110,12 @@ class NCutConfig:
         # Only static fields are checked here: the numeric ones may be tracers.
         if not isinstance(self.num_thresholds, int) or self.num_thresholds < 2:
             raise ValueError(f"num_thresholds must be an int >= 2, got {self.num_thresholds!r}")
-        if not isinstance(self.max_segments, int) or self.max_segments < 1:
-            raise ValueError(f"max_segments must be an int >= 1, got {self.max_segments!r}")
+        if self.max_segments is not None and (
+            not isinstance(self.max_segments, int) or self.max_segments < 1
+        ):
+            raise ValueError(
+                f"max_segments must be None or an int >= 1, got {self.max_segments!r}"
+            )
         if self.eigensolver not in ("eigh", "lobpcg"):
             raise ValueError(f"eigensolver must be 'eigh' or 'lobpcg', got {self.eigensolver!r}")
         if not isinstance(self.lobpcg_iterations, int) or self.lobpcg_iterations < 1:
@@ -352,14 +358,15 @@ def recursive_ncut_affinity(w: jax.Array, cfg: NCutConfig) -> NCutResult:
     """
     n = w.shape[0]
     w = w.astype(jnp.float32)
-    capacity = 2 * cfg.max_segments
+    max_segments = n if cfg.max_segments is None else min(cfg.max_segments, n)
+    capacity = 2 * max_segments
     if cfg.exclude_zero_affinity_nodes:
         zero_row = jnp.any(w == 0, axis=1)
     else:
         zero_row = jnp.zeros((n,), bool)
 
     def cond(state: _LoopState):
-        return (state.head < state.tail) & (state.num_segments < cfg.max_segments)
+        return (state.head < state.tail) & (state.num_segments < max_segments)
 
     def body(state: _LoopState) -> _LoopState:
         seg_id = state.queue[state.head]
@@ -400,10 +407,11 @@ def recursive_ncut_affinity(w: jax.Array, cfg: NCutConfig) -> NCutResult:
     )
     final = jax.lax.while_loop(cond, body, init)
     return NCutResult(
-        labels=canonical_labels(final.segment, cfg.max_segments),
+        labels=canonical_labels(final.segment, max_segments),
         num_segments=final.num_segments,
         num_eigensolves=final.num_solves,
-        truncated=final.head < final.tail,
+        # Segments left in the queue once every token is its own segment can't be cut anyway.
+        truncated=(final.head < final.tail) & (final.num_segments < n),
         num_nonfinite_tokens=jnp.int32(0),
     )
 
