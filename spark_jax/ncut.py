@@ -78,11 +78,12 @@ class NCutConfig:
       alpha: elementwise power of the min-max-rescaled cosine affinity (Eq. 3). Paper: 10.
       threshold_scale: the candidate thresholds span [s min(y), s max(y)]; released code: 0.99.
       num_thresholds: number of candidate splitting points ("l" of Sec. 3.2). Released code: 100.
-      max_segments: static bound on the number of final segments. None (default) bounds it by
-        the token count only, i.e. no bound, as DiffCut: the loop's length is set by the data
-        (2L - 1 eigendecompositions for L segments), so the bound costs nothing until reached.
-        A bound caps the worst-case run time (at most 2 * max_segments - 1 eigensolves); when
-        it is reached, segments still waiting to be cut stay whole and `truncated` is set.
+      max_segments: static bound on the number of final segments (DiffCut has none). The loop's
+        length is set by the data (2L - 1 eigendecompositions for L segments), so the bound
+        costs nothing until reached; it caps the worst-case run time (2 * max_segments - 1
+        eigensolves) and fixes the width of per-segment arrays downstream (the runner's concept
+        assignment). When reached, segments still waiting to be cut stay whole and `truncated`
+        is set. None bounds it by the token count only: exactly DiffCut's unbounded recursion.
       eigensolver: 'eigh' (dense symmetric eigendecomposition, exact; the released code's
         choice) or 'lobpcg' (block LOBPCG on the deflated normalised affinity for segments of
         more than 256 tokens, matrix-vector products only: much cheaper at N = 4096; smaller
@@ -101,7 +102,7 @@ class NCutConfig:
     alpha: float = 10.0
     threshold_scale: float = 0.99
     num_thresholds: int = 100
-    max_segments: int | None = None
+    max_segments: int | None = 64
     eigensolver: Eigensolver = "eigh"
     lobpcg_iterations: int = 200
     exclude_zero_affinity_nodes: bool = False
