@@ -38,8 +38,8 @@ CONFIG_FLAGS: dict[type, tuple[str, str, str]] = {
     KMeansConfig: ("kmeans_", "kmeans", "spark_jax/kmeans.py"),
 }
 
-flags.DEFINE_string("output_dir", None, "Output folder (experiments.run: default outputs/<dataset>-<method>-<protocol>; "
-                    "experiments.compare: default outputs/compare).")
+flags.DEFINE_string("output_dir", None, "Output folder (experiments.run: default "
+                    "outputs/<dataset>-<method>-<protocol>; experiments.compare: default outputs/compare).")
 flags.DEFINE_string("data_dir", None, "Folder holding the dataset(s) (see docs/evaluation.md for layouts).")
 flags.DEFINE_enum("backbone", "auto", list(BACKBONES),
                   "auto: SSD-1B from --checkpoint or the HF cache (handcrafted only for --dataset=demo when no "
