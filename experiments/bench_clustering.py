@@ -5,6 +5,8 @@
 
 For each token grid and batch size it times, after compilation:
   * jax `segment_tokens_batch` (affinity + Markov flow + propagation, closed-form Eq. 11),
+  * jax one image at a time (`chunk_size=1`): a vmapped while_loop runs every image until the
+    slowest converges, which a CPU pays for in full,
   * jax with the fixed-point propagation of Eq. 10 and with a bounded number of label columns
     (32x32 only: the label-column choices of reference-facts section 9),
   * the NumPy transcription (`spark_jax.numpy_reference`, float64, iterative propagation with
@@ -56,8 +58,8 @@ def _xla_bytes(compiled) -> int:
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
 
 
-def time_jax(features: np.ndarray, cfg: SparkConfig, repeats: int):
-    compiled = segment_tokens_batch.lower(features, cfg).compile()
+def time_jax(features: np.ndarray, cfg: SparkConfig, repeats: int, chunk_size: int | None = None):
+    compiled = segment_tokens_batch.lower(features, cfg, chunk_size=chunk_size).compile()
     out = compiled(features, cfg)  # warm-up
     jax.block_until_ready(out)
     seconds = _best_time(lambda: compiled(features, cfg), repeats)
@@ -94,15 +96,17 @@ def main(argv):
                 [planted_token_features(seed, side, side, _CHANNELS.value, noise=0.4)[0] for seed in range(batch)]
             )
             print(f"-- {side}x{side} tokens (N={side * side}), batch {batch}", flush=True)
-            variants = [("jax closed-form", CFG)]
+            variants = [("jax closed-form", CFG, None)]
+            if batch > 1:
+                variants.append(("jax closed-form, chunk_size=1", CFG, 1))
             if side <= 32:
                 variants += [
-                    ("jax fixed-point", CFG.replace(propagation="iterative")),
-                    ("jax closed-form, 64 columns", CFG.replace(max_clusters=64)),
+                    ("jax fixed-point", CFG.replace(propagation="iterative"), None),
+                    ("jax closed-form, 64 columns", CFG.replace(max_clusters=64), None),
                 ]
             jax_results = []
-            for name, cfg in variants:
-                seconds, nbytes, out = time_jax(features, cfg, _REPEATS.value)
+            for name, cfg, chunk_size in variants:
+                seconds, nbytes, out = time_jax(features, cfg, _REPEATS.value, chunk_size)
                 jax_results.append((name, seconds, nbytes, out))
                 print(f"   {name}: {seconds:.3f}s, {nbytes / 2**20:.0f} MiB, "
                       f"K={np.asarray(out.num_clusters).tolist()}, MCL iters={np.asarray(out.mcl_iterations).tolist()}",

@@ -7,6 +7,7 @@ numeric hyperparameter (inflation, beta, ...) does not recompile.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -132,7 +133,18 @@ def segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
     )
 
 
-@jax.jit
-def segment_tokens_batch(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
-    """`segment_tokens` over a batch: features [B, h, w, C] -> SegmentResult with a leading B."""
-    return jax.vmap(segment_tokens, in_axes=(0, None))(features, cfg)
+@functools.partial(jax.jit, static_argnames="chunk_size")
+def segment_tokens_batch(features: jax.Array, cfg: SparkConfig, chunk_size: int | None = None) -> SegmentResult:
+    """`segment_tokens` over a batch: features [B, h, w, C] -> SegmentResult with a leading B.
+
+    Args:
+      features: [B, h, w, C].
+      cfg: SPARK hyperparameters, shared by the batch.
+      chunk_size: images processed together (static). None vmaps the whole batch: the right
+        choice on accelerators. A vmapped `while_loop` runs until its slowest member converges,
+        so on a CPU, where batching buys no parallelism, `chunk_size=1` (one image at a time,
+        each with its own iteration count) is faster. Results are the same either way.
+    """
+    if chunk_size is None or chunk_size >= features.shape[0]:
+        return jax.vmap(segment_tokens, in_axes=(0, None))(features, cfg)
+    return jax.lax.map(lambda x: segment_tokens(x, cfg), features, batch_size=chunk_size)

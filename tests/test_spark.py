@@ -89,9 +89,10 @@ def test_bounded_label_columns_with_more_clusters_label_every_token():
     assert int(result.labels.max()) < 4 and int(result.num_segments) <= 4
 
 
-def test_batch_gives_the_per_image_results():
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+def test_batch_gives_the_per_image_results(chunk_size):
     batch = np.stack([planted_token_features(s, 16, 16, 32, noise=0.4)[0] for s in range(3)])
-    batched = segment_tokens_batch(batch, PLANTED)
+    batched = segment_tokens_batch(batch, PLANTED, chunk_size=chunk_size)
     chex.assert_shape(batched.labels, (3, 16, 16))
     for i in range(3):
         single = segment_tokens(batch[i], PLANTED)
