@@ -6,7 +6,8 @@ and without PAMR, on the demo benchmark and on every real benchmark found under 
 skipped with a printed note). The backbone runs once per image: every run reads one feature cache. Writes
 ``<output_dir>/comparison.md``: mIoU shaped like the paper's Tables 1-2 (rows = methods, columns = datasets,
 best in bold, second underlined), and the per-image clustering time (the jitted method call on device,
-excluding the backbone, compilation and PAMR). ``comparison.json`` holds the same numbers.
+excluding the backbone, compilation and PAMR; per image the faster of the two runs' measurements).
+``comparison.json`` holds the same numbers.
 
     python -m experiments.compare                              # the demo, handcrafted backbone, ~5 min on 2 CPUs
     python -m experiments.compare --data_dir=/data --checkpoint=/models/SSD-1B --datasets=voc,cityscapes
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,6 +38,7 @@ from spark_jax.runner import (
     ResolvedBackbone,
     RunConfig,
     find_cached_checkpoint,
+    load_results,
     resolve_backbone,
     run,
 )
@@ -202,18 +205,26 @@ def summarize(runs: dict[str, dict[str, dict[str, str]]], methods: Sequence[str]
             if not paths:
                 continue
             cell: dict[str, Any] = {}
+            best: dict[str, float] = {}  # image id -> its fastest clustering time over the runs
             for key, path in paths.items():
                 with open(path, encoding="utf-8") as f:
                     m = json.load(f)
                 backbones.add(m["config"]["backbone"])
                 cell[f"miou_{key}"] = m["miou"]
                 cell["num_images_scored"] = m["num_images_scored"]
-                if key == "pamr":  # the method call is the same in both runs; time the first
-                    t = m["clustering_seconds_per_image"]
-                    cell.update(clustering_mean_s=t["mean"], clustering_median_s=t["median"],
-                                batch_size=t["batch_size"],
-                                num_segments=m["diagnostics_mean"].get("num_segments"),
-                                run_config=m["config"]["run"])
+                cell[f"clustering_median_s_{key}"] = m["clustering_seconds_per_image"]["median"]
+                cell.update(batch_size=m["clustering_seconds_per_image"]["batch_size"],
+                            num_segments=m["diagnostics_mean"].get("num_segments"))
+                if key == "pamr":
+                    cell["run_config"] = m["config"]["run"]
+                # The method call is the same computation in both runs: per image, the faster of the two
+                # measurements (best of two, as timeit does; shared machines add noise, never speed).
+                for r in load_results(os.path.join(os.path.dirname(path), "results.jsonl")):
+                    if "clustering_seconds" in r:
+                        best[r["id"]] = min(best.get(r["id"], math.inf), r["clustering_seconds"])
+            times = sorted(best.values())
+            cell["clustering_mean_s"] = sum(times) / len(times) if times else None
+            cell["clustering_median_s"] = statistics.median(times) if times else None
             row["datasets"][name] = cell
         rows.append(row)
     return {"datasets": datasets, "rows": rows, "backbones": sorted(backbones), "protocol": base.protocol,
@@ -268,7 +279,9 @@ def to_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {r['title']} | {label} | " + " | ".join(col[i] for col in columns) + " |")
     lines += ["", "## Clustering time per image (ms)", "",
               "The jitted method call on device (token clustering and upsampling to the mask size), mean "
-              "(median) over the images; excludes the backbone, compilation, PAMR and scoring.", ""]
+              "(median) over the images; excludes the backbone, compilation, PAMR and scoring. Each image's "
+              "time is the faster of its two measurements (the runs with and without PAMR make the same call).",
+              ""]
     lines.append("| method | " + " | ".join(titles) + " |")
     lines.append("| --- | " + " | ".join("---:" for _ in titles) + " |")
     for r in rows:
