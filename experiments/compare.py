@@ -9,7 +9,7 @@ best in bold, second underlined), and the per-image clustering time (the jitted 
 excluding the backbone, compilation and PAMR; per image the faster of the two runs' measurements).
 ``comparison.json`` holds the same numbers.
 
-    python -m experiments.compare                              # the demo, handcrafted backbone, ~5 min on 2 CPUs
+    python -m experiments.compare                              # the demo, handcrafted backbone, ~10 min on 2 CPUs
     python -m experiments.compare --data_dir=/data --checkpoint=/models/SSD-1B --datasets=voc,cityscapes
 
 Every run is an ordinary ``experiments.run`` output folder (``<output_dir>/<dataset>/<method>-pamr`` and
