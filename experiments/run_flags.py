@@ -77,9 +77,13 @@ def _define_config_flags(cls: type, prefix: str, where: str) -> None:
             flags.DEFINE_enum(name, default, list(args), doc)
         elif hint is bool:
             flags.DEFINE_bool(name, default, doc)
-        elif hint is int or (int in args and type(None) in args):
+        elif type(None) in args and len(args) == 2:  # int | None, float | None: "none" selects None
+            item = args[0] if args[1] is type(None) else args[1]
+            flags.DEFINE_string(name, "none" if default is None else str(default),
+                                doc + f" A{'n' if item is int else ''} {item.__name__}, or 'none'.")
+        elif hint is int:
             flags.DEFINE_integer(name, default, doc)
-        elif hint is float or (float in args and type(None) in args):
+        elif hint is float:
             flags.DEFINE_float(name, default, doc)
         elif hint is str:
             flags.DEFINE_string(name, default, doc)
@@ -95,7 +99,14 @@ def _config_from_flags(cls: type, prefix: str) -> Any:
     for field in dataclasses.fields(cls):
         value = FLAGS[prefix + field.name].value
         hint = hints[field.name]
-        if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if type(None) in args and len(args) == 2:
+            item = args[0] if args[1] is type(None) else args[1]
+            try:
+                value = None if value.strip().lower() == "none" else item(value)
+            except ValueError:
+                raise ValueError(f"--{prefix}{field.name}: expected {item.__name__} or 'none', got {value!r}") from None
+        elif typing.get_origin(hint) is tuple:
             item = typing.get_args(hint)[0]
             try:
                 value = tuple(item(v) for v in value)

@@ -382,7 +382,9 @@ def _diffcut_build(mask_size: int, upsampling: str) -> Method:
         # recursion (the eigensolver's size buckets) become selects that evaluate every branch, and the loop
         # runs as long as the slowest image; measured 8-10x slower at 32x32 tokens.
         res = jax.lax.map(lambda f: recursive_ncut(f, ncfg), inputs.features)
-        labels = _concept_masks(inputs.features, res.labels, ncfg.max_segments, mask_size)
+        _, h, w, _ = inputs.features.shape
+        bound = h * w if ncfg.max_segments is None else min(ncfg.max_segments, h * w)  # labels lie in [0, bound)
+        labels = _concept_masks(inputs.features, res.labels, bound, mask_size)
         diag = {
             "num_segments": res.num_segments,
             "num_eigensolves": res.num_eigensolves,

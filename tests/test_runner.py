@@ -398,17 +398,26 @@ def test_flags_cover_every_method_hyperparameter():
         for field in dataclasses.fields(cls):
             assert prefix + field.name in fv, f"no flag for {cls.__name__}.{field.name}"
     argv = ["run", "--method=diffcut", "--ncut_tau=0.3", "--ncut_eigensolver=lobpcg", "--autosc_alphas=1,5",
-            "--kmeans_k=3", "--kmeans_num_local_trials=2", "--beta=0.7", "--batch_size=2"]
+            "--kmeans_k=3", "--kmeans_num_local_trials=2", "--beta=0.7", "--batch_size=2", "--ncut_max_segments=none",
+            "--max_clusters=16"]
     try:
         fv(argv)
         cfg = cli.config_from_flags()
-        assert cfg.method == "diffcut" and cfg.ncut == NCutConfig(tau=0.3, eigensolver="lobpcg")
+        assert cfg.method == "diffcut" and cfg.ncut == NCutConfig(tau=0.3, eigensolver="lobpcg", max_segments=None)
+        assert cfg.spark.max_clusters == 16 and cfg.kmeans.num_local_trials == 2
         assert cfg.autosc.alphas == (1.0, 5.0) and cfg.kmeans_k == 3 and cfg.kmeans.num_local_trials == 2
         assert cfg.spark.beta == 0.7 and cfg.upsampling is None and cfg.resolved_upsampling == "concept"
         fv.unparse_flags()
         fv(["run", "--kmeans_k=gt", "--autosc_alphas=1,x"])
         with pytest.raises(ValueError, match="autosc_alphas"):
             cli.config_from_flags()
+        fv.unparse_flags()
+        fv(["run", "--ncut_max_segments=many"])
+        with pytest.raises(ValueError, match="ncut_max_segments: expected int or 'none'"):
+            cli.config_from_flags()
+        fv.unparse_flags()
+        fv(["run"])
+        assert cli.config_from_flags().spark == SparkConfig()  # defaults round-trip, max_clusters=None too
     finally:
         fv.unparse_flags()
 
@@ -429,8 +438,9 @@ def test_a_sweep_over_numeric_hyperparameters_compiles_once(tmp_path, monkeypatc
             run(tiny_cfg(tmp_path / f"tau{k}", method="diffcut", ncut=NCutConfig(tau=tau), limit=1),
                 dataset=TinyDemo(1), quiet=True)
         assert len(traces) == 1  # tau and alpha are traced leaves of NCutConfig
-        run(tiny_cfg(tmp_path / "static", method="diffcut", ncut=NCutConfig(max_segments=16), limit=1),
-            dataset=TinyDemo(1), quiet=True)
+        m = run(tiny_cfg(tmp_path / "static", method="diffcut", ncut=NCutConfig(max_segments=None), limit=1),
+                dataset=TinyDemo(1), quiet=True)
         assert len(traces) == 2  # a structural field recompiles
+        assert m["config"]["run"]["ncut"]["max_segments"] is None and m["num_images_scored"] == 1
     finally:
         runner._jitted_method.cache_clear()
