@@ -7,7 +7,6 @@ built, so session fixtures in several modules share one build per test session.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +70,7 @@ def _byte_vocab() -> dict[str, int]:
 
 
 def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -174,7 +173,9 @@ def hooked_unet_features(unet, sample: np.ndarray, t: int, context: np.ndarray, 
     handle = attn1.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
     kwargs = {}
     if text_embeds is not None:
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)
+        }
     try:
         with torch.no_grad():
             unet(torch.from_numpy(sample), t, encoder_hidden_states=torch.from_numpy(context), **kwargs)
@@ -184,7 +185,3 @@ def hooked_unet_features(unet, sample: np.ndarray, t: int, context: np.ndarray, 
     b, _, h, w = sample.shape
     side = int(round((out.shape[1] * h / w) ** 0.5))
     return out.reshape(b, side, out.shape[1] // side, out.shape[2])
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2))

@@ -122,7 +122,8 @@ def test_key_map_rejects_missing_unexpected_and_misshapen_keys(copy_root, tmp_pa
 def test_keys_after_the_feature_point_are_skipped_not_required(copy_root, tmp_path):
     """Keys of modules after the feature point may be present (full UNet) or absent (pruned file)."""
     def prune(t):
-        for k in [k for k in t if k.startswith(("up_blocks.", "mid_block.", "conv_out.", "down_blocks.2.attentions.1.proj_out"))]:
+        after = ("up_blocks.", "mid_block.", "conv_out.", "down_blocks.2.attentions.1.proj_out")
+        for k in [k for k in t if k.startswith(after)]:
             del t[k]
 
     full, _ = load_unet_encoder(copy_root, use_cache=False)
@@ -184,7 +185,8 @@ def test_unsupported_architectures_are_named(copy_root, field, value, match):
 def test_fp16_variant_loads_and_matches_fp32_to_fp16_rounding(copy_root, sdxl_root):
     folder = copy_root / "unet"
     tensors = load_file(str(folder / WEIGHTS))
-    save_file({k: v.astype(np.float16) for k, v in tensors.items()}, str(folder / "diffusion_pytorch_model.fp16.safetensors"))
+    half = {k: v.astype(np.float16) for k, v in tensors.items()}
+    save_file(half, str(folder / "diffusion_pytorch_model.fp16.safetensors"))
     (folder / WEIGHTS).unlink()
     half, _ = load_unet_encoder(copy_root, use_cache=False)  # falls back to the fp16 variant
     full, _ = load_unet_encoder(sdxl_root, use_cache=False)
