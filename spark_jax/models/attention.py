@@ -70,11 +70,28 @@ class Attention(nnx.Module):
         return out.reshape(spatial_shape)
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float) -> jax.Array:
+# Largest logits block materialised at once (elements): 2^26 float32 = 256 MB. Above it, queries are
+# processed in chunks (rows of a softmax are independent, so the result is the same). Without this the
+# SDXL VAE's single-head attention over 128x128 latents holds two 1 GB [16384, 16384] arrays.
+MAX_LOGITS = 2**26
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, max_logits: int = MAX_LOGITS) -> jax.Array:
     """softmax(q k^T * scale) v with float32 logits; q: [B, T, N, H], k, v: [B, S, N, H] -> [B, T, N, H]."""
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+    b, t, n, h = q.shape
+    chunks = 1
+    while b * n * (t // chunks) * k.shape[1] > max_logits and t % (2 * chunks) == 0:
+        chunks *= 2
+
+    def block(qc: jax.Array) -> jax.Array:
+        logits = jnp.einsum("btnh,bsnh->bnts", qc, k, preferred_element_type=jnp.float32) * scale
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+    if chunks == 1:
+        return block(q)
+    qs = q.reshape(b, chunks, t // chunks, n, h).swapaxes(0, 1)
+    return jax.lax.map(block, qs).swapaxes(0, 1).reshape(b, t, n, h)
 
 
 class GEGLU(nnx.Module):
