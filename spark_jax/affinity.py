@@ -23,6 +23,18 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(norm, _NORM_FLOOR)
 
 
+def finite_tokens(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Tokens x [..., C] as float32 with non-finite tokens zeroed, and how many there were.
+
+    Every method treats a token holding NaN/Inf as a zero vector (cosine 0 with everything):
+    jitted code cannot raise on data, so entry points that must reject such input call
+    `spark.check_features` first, and results report the count.
+    """
+    x = x.astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(x), axis=-1, keepdims=True)
+    return jnp.where(finite, x, 0.0), jnp.sum(~finite).astype(jnp.int32)
+
+
 def row_normalize(a: jax.Array) -> jax.Array:
     """RowNorm (Eq. 7) of a non-negative matrix [N, N] that never divides by zero.
 

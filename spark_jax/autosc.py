@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from spark_jax.affinity import global_affinity
-from spark_jax.ncut import canonical_labels, finite_tokens
+from spark_jax.affinity import finite_tokens
+from spark_jax.ncut import canonical_labels
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

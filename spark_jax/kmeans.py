@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from spark_jax.affinity import l2_normalize
-from spark_jax.ncut import finite_tokens
+from spark_jax.affinity import finite_tokens
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -51,7 +51,7 @@ from spark_jax.datasets import Dataset, Sample, get_dataset
 from spark_jax.evaluation import PROTOCOLS, Evaluator, LabelSpace, protocol_labels
 from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
 from spark_jax.kmeans import KMeansConfig, kmeans_tokens
-from spark_jax.ncut import NCutConfig, recursive_ncut
+from spark_jax.ncut import NCutConfig, recursive_ncut_batch
 from spark_jax.pamr import PamrConfig, refine_labels
 from spark_jax.pipeline import PipelineConfig, segment_features
 from spark_jax.preprocess import prepare_image, prepare_label, resize_bilinear
@@ -378,10 +378,7 @@ def _diffcut_build(mask_size: int, upsampling: str) -> Method:
     ``params`` is the NCutConfig."""
 
     def method(inputs: MethodInputs, ncfg: NCutConfig):
-        # One image after the other (lax.map), not vmap: under vmap the data-dependent branches of the
-        # recursion (the eigensolver's size buckets) become selects that evaluate every branch, and the loop
-        # runs as long as the slowest image; measured 8-10x slower at 32x32 tokens.
-        res = jax.lax.map(lambda f: recursive_ncut(f, ncfg), inputs.features)
+        res = recursive_ncut_batch(inputs.features, ncfg)  # image by image: see its docstring
         _, h, w, _ = inputs.features.shape
         bound = h * w if ncfg.max_segments is None else min(ncfg.max_segments, h * w)  # labels lie in [0, bound)
         labels = _concept_masks(inputs.features, res.labels, bound, mask_size)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spark_jax.affinity import transition_matrix
+from spark_jax.affinity import finite_tokens, transition_matrix
 from spark_jax.config import SparkConfig
 from spark_jax.markov_flow import extract_clusters, markov_flow
 from spark_jax.propagation import propagate_labels, seed_matrix
@@ -88,9 +88,7 @@ def segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
     """
     h, w, _ = features.shape
     n = h * w
-    features = features.astype(jnp.float32)
-    finite = jnp.all(jnp.isfinite(features), axis=-1, keepdims=True)
-    features = jnp.where(finite, features, 0.0)
+    features, num_nonfinite = finite_tokens(features)
     if cfg.global_mode == "inner":
         # RowNorm, clipping, min-max and the power are all invariant to a global positive scale
         # of X X^T, so scaling X keeps S exact while keeping X X^T finite for large features.
@@ -129,7 +127,7 @@ def segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
         mcl_converged=flow.converged,
         propagation_iterations=prop.num_iters,
         propagation_converged=prop.converged,
-        num_nonfinite_tokens=jnp.sum(~finite).astype(jnp.int32),
+        num_nonfinite_tokens=num_nonfinite,
     )
 
 
