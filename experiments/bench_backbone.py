@@ -26,6 +26,12 @@ Measured 2026-11-22 on the shared 2-core CPU (load average 6-9 from other jobs, 
    1024  truncated    145.03           4.97        1.11
    1024        jax    131.15           5.80        1.00
 
+After chunking large attentions (spark_jax.models.attention.MAX_LOGITS), two more 1024 px runs of
+truncated vs jax: 71.4 vs 92.4 s (jax first, load ~4) and 67.8 vs 50.1 s (truncated first, load
+falling to ~0.4): the ratio swings 0.77..1.35 with the other jobs' load, so on this shared machine the
+two are level within noise; in-process A/B of the VAE alone (512 px) gave JAX 22.6-27.5 s vs PyTorch
+23.9 s. JAX peak RSS at 1024 px fell from 5.80 to 4.05 GB (PyTorch truncated: 4.79 GB).
+
 The 2x-over-reference target is out of reach at equal per-FLOP speed: the SDXL VAE (4.33 TFLOP at
 1024 px) is common to all paths, so reference / truncated FLOPs = (4.33 + 3.71) / (4.33 + 1.11) =
 1.48 (reference facts, section 9); JAX reaches 1.67 by being ~10% faster than PyTorch per call.
