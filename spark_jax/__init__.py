@@ -4,6 +4,8 @@ The public API; each name lives in the module named after its concept (see WORKS
 """
 
 from spark_jax.autosc import AutoSCConfig, AutoSCResult, autosc, autosc_batch
+from spark_jax.backbone import Backbone, BackboneConfig, load_backbone
+from spark_jax.checkpoint import CheckpointError
 from spark_jax.config import SparkConfig
 from spark_jax.kmeans import KMeansConfig, KMeansResult, kmeans_tokens, kmeans_tokens_batch
 from spark_jax.ncut import NCutConfig, NCutResult, recursive_ncut, recursive_ncut_batch
@@ -15,6 +17,9 @@ from spark_jax.upsample import concept_assignment, upsample_labels, upsample_sof
 __all__ = [
     "AutoSCConfig",
     "AutoSCResult",
+    "Backbone",
+    "BackboneConfig",
+    "CheckpointError",
     "KMeansConfig",
     "KMeansResult",
     "NCutConfig",
@@ -23,6 +28,7 @@ __all__ = [
     "autosc_batch",
     "kmeans_tokens",
     "kmeans_tokens_batch",
+    "load_backbone",
     "recursive_ncut",
     "recursive_ncut_batch",
     "PamrConfig",

@@ -135,9 +135,30 @@ def extract_features(
       [B, h, w, C] float32 features (h = w = resolution / (8 * 2^feature_block) for SD-family VAEs).
     """
     x = preprocess_images(images, resolution=resolution)
-    latents = vae(x)
+    return encode_prepared(unet, vae, (x + 1.0) / 2.0, cond, timestep=timestep, unet_dtype=unet_dtype)
+
+
+def encode_prepared(
+    unet: UNetEncoder,
+    vae: VAEEncoder,
+    prepared: jax.Array,
+    cond: Conditioning,
+    *,
+    timestep: int,
+    unet_dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+    """Features of images already cropped and resized by ``preprocess.prepare_image`` (pure).
+
+    Datasets mix image sizes; preparing each image on its own and batching the prepared squares
+    keeps one compiled extractor for all of them.
+
+    Args:
+      prepared: [B, S, S, 3] float in [0, 1], S the backbone's resolution.
+      (the rest as in ``extract_features``)
+    """
+    latents = vae(2.0 * prepared.astype(jnp.float32) - 1.0)
     noisy = add_noise(latents, cond.noise, cond.alpha_bar)
-    b = images.shape[0]
+    b = prepared.shape[0]
     context = jnp.broadcast_to(cond.encoder_hidden_states, (b, *cond.encoder_hidden_states.shape))
     text_embeds = None if cond.text_embeds is None else jnp.broadcast_to(cond.text_embeds, (b, *cond.text_embeds.shape))
     time_ids = None if cond.time_ids is None else jnp.broadcast_to(cond.time_ids, (b, *cond.time_ids.shape))
@@ -171,6 +192,7 @@ class Backbone:
         self._unet_graph, self.unet_params = nnx.split(unet)
         self._vae_graph, self.vae_params = nnx.split(vae)
         self._jitted = jax.jit(self._run)
+        self._jitted_prepared = jax.jit(self._run_prepared)
 
     @property
     def resolution(self) -> int:
@@ -190,9 +212,25 @@ class Backbone:
             unet_dtype=_DTYPES[self.cfg.unet_dtype],
         )
 
+    def _run_prepared(self, unet_params, vae_params, cond: Conditioning, prepared: jax.Array) -> jax.Array:
+        return encode_prepared(
+            nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), prepared, cond,
+            timestep=self.cfg.timestep, unet_dtype=_DTYPES[self.cfg.unet_dtype],
+        )
+
     def extract_features(self, images: jax.Array | np.ndarray) -> jax.Array:
         """images: [B, H, W, 3] uint8 or float in [0, 1] -> [B, h, w, C] float32 features."""
         return self._jitted(self.unet_params, self.vae_params, self.cond, jnp.asarray(images))
+
+    def extract_features_prepared(self, prepared: jax.Array | np.ndarray) -> jax.Array:
+        """[B, S, S, 3] float in [0, 1] from ``prepare_image(image, self.resolution)`` -> [B, h, w, C]."""
+        prepared = jnp.asarray(prepared)
+        if prepared.ndim != 4 or prepared.shape[1:] != (self.resolution, self.resolution, 3):
+            raise ValueError(
+                f"prepared images must be [B, {self.resolution}, {self.resolution}, 3] from "
+                f"preprocess.prepare_image(image, {self.resolution}), got shape {tuple(prepared.shape)}"
+            )
+        return self._jitted_prepared(self.unet_params, self.vae_params, self.cond, prepared)
 
     __call__ = extract_features
 

@@ -96,6 +96,20 @@ def test_features_of_an_image_do_not_depend_on_its_batch(backbone, images):
     assert not np.allclose(ab[0], ab[1])
 
 
+def test_prepared_images_of_any_source_size_share_one_compiled_extractor(backbone, images):
+    """Preparing each image on its own, then batching the squares, gives the raw path's features."""
+    from spark_jax.preprocess import prepare_image
+
+    prepared = prepare_image(jnp.asarray(images), RES)
+    np.testing.assert_allclose(backbone.extract_features_prepared(prepared), backbone.extract_features(images), atol=1e-5)
+    other = prepare_image(jnp.asarray(images[:, : images.shape[1] - 3]), RES)  # another source size
+    before = backbone._jitted_prepared._cache_size()
+    backbone.extract_features_prepared(other)
+    assert backbone._jitted_prepared._cache_size() == before
+    with pytest.raises(ValueError, match="prepare_image"):
+        backbone.extract_features_prepared(images)
+
+
 def test_extractor_compiles_once_per_shape(backbone, images):
     backbone.extract_features(images)
     before = backbone._jitted._cache_size()

@@ -18,7 +18,7 @@ from spark_jax.datasets.demo import DEMO_LABEL_SPACE, demo_image
 from spark_jax.datasets.voc import VOC_LABEL_SPACE
 from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
 from spark_jax.kmeans import KMeansConfig
-from spark_jax.ncut import NCutConfig, recursive_ncut
+from spark_jax.ncut import NCutConfig, recursive_ncut_batch
 from spark_jax.preprocess import prepare_label
 from spark_jax.runner import BackboneNotFoundError, RunConfig, classes_present, load_results, run
 
@@ -429,9 +429,9 @@ def test_a_sweep_over_numeric_hyperparameters_compiles_once(tmp_path, monkeypatc
 
     def counting(features, cfg):
         traces.append(cfg)
-        return recursive_ncut(features, cfg)
+        return recursive_ncut_batch(features, cfg)
 
-    monkeypatch.setattr(runner, "recursive_ncut", counting)
+    monkeypatch.setattr(runner, "recursive_ncut_batch", counting)
     runner._jitted_method.cache_clear()
     try:
         for k, tau in enumerate((0.5, 0.3)):
