@@ -18,6 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from test_backbone_helpers import build_tiny_pipeline, hooked_unet_features  # noqa: E402
 
+from experiments.bench_backbone import SSD1B_UNET  # noqa: E402  (the one reconstruction of SSD-1B's config)
 from spark_jax.checkpoint import load_unet_encoder, load_vae_encoder  # noqa: E402
 from spark_jax.conditioning import add_noise, load_alphas_cumprod, prompt_embeddings  # noqa: E402
 from spark_jax.models.embeddings import timestep_embedding  # noqa: E402
@@ -207,23 +208,6 @@ def test_prompt_embeddings_are_read_from_cache_without_torch(tiny_roots, cache_d
     again = conditioning.prompt_embeddings(root, cache_dir=cache_dir)
     np.testing.assert_array_equal(first.encoder_hidden_states, again.encoder_hidden_states)
     np.testing.assert_array_equal(first.text_embeds, again.text_embeds)
-
-
-SSD1B_UNET = dict(
-    sample_size=128,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    mid_block_type="UNetMidBlock2D",
-    transformer_layers_per_block=[1, 2, 4],
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
 
 
 @pytest.mark.slow
