@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spark_jax.affinity import l2_normalize  # torch's F.normalize: ||x|| clamped at 1e-12
+
 __all__ = [
     "bilinear_matrix",
     "upsample_soft_labels",
@@ -39,8 +41,6 @@ _PRECISION = jax.lax.Precision.HIGHEST
 # Budget (in float32 elements) of one chunk of the chunked upsample+argmax: 2**24 elements = 64 MiB.
 _CHUNK_ELEMENTS = 1 << 24
 
-# torch.nn.functional.normalize's eps: ||x|| is clamped from below by it.
-_NORMALIZE_EPS = 1e-12
 # DiffCut's masked mean divides by (count + 1e-8); kept so segment means match the reference bit for bit.
 _MASK_POOL_EPS = 1e-8
 
@@ -183,11 +183,6 @@ def upsample_labels(
     return jax.lax.map(one_row, rows, batch_size=rows_per_chunk)
 
 
-def _normalize(x: jax.Array) -> jax.Array:
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, _NORMALIZE_EPS)
-
-
 def _token_scores(features: jax.Array, labels: jax.Array, num_labels: int) -> tuple[jax.Array, jax.Array]:
     """Dot products of the normalised token features with the segment means (DiffCut's masked SMM).
 
@@ -196,7 +191,7 @@ def _token_scores(features: jax.Array, labels: jax.Array, num_labels: int) -> tu
     _check_concept_inputs(features, labels, num_labels)
     h, w, c = features.shape
     # DiffCut casts the (float16) UNet features to float32 before anything else; so do we.
-    x = _normalize(features.reshape(h * w, c).astype(jnp.promote_types(features.dtype, jnp.float32)))
+    x = l2_normalize(features.reshape(h * w, c).astype(jnp.promote_types(features.dtype, jnp.float32)))
     onehot = jax.nn.one_hot(labels.reshape(h * w), num_labels, dtype=x.dtype)  # [N, K]
     counts = jnp.sum(onehot, axis=0)  # [K]
     means = jnp.einsum("nk,nc->kc", onehot, x, precision=_PRECISION) / (counts[:, None] + _MASK_POOL_EPS)
