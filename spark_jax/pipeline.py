@@ -31,7 +31,7 @@ class FeatureBackbone(Protocol):
     @property
     def resolution(self) -> int: ...
 
-    def extract_features(self, images: jax.Array) -> jax.Array: ...
+    def extract_features_prepared(self, prepared: jax.Array) -> jax.Array: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +123,6 @@ def segment(images: jax.Array, backbone: FeatureBackbone, cfg: PipelineConfig = 
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"segment expects images [B, H, W, 3] (RGB, channels last), got shape {images.shape}")
-    features = backbone.extract_features(images)
+    # Prepared once, for the backbone and for PAMR's image alike.
     prepared = prepare_image(images, backbone.resolution)
-    return segment_features(features, prepared, cfg)
+    return segment_features(backbone.extract_features_prepared(prepared), prepared, cfg)
