@@ -156,9 +156,34 @@ def encode_prepared(
       prepared: [B, S, S, 3] float in [0, 1], S the backbone's resolution.
       (the rest as in ``extract_features``)
     """
-    latents = vae(2.0 * prepared.astype(jnp.float32) - 1.0)
+    latents = encode_latents(vae, prepared)
+    return latent_features(unet, latents, cond, timestep=timestep, unet_dtype=unet_dtype)
+
+
+def encode_latents(vae: VAEEncoder, prepared: jax.Array) -> jax.Array:
+    """VAE stage (pure): [B, S, S, 3] in [0, 1] -> [B, S/8, S/8, c] scaled posterior means, float32."""
+    return vae(2.0 * prepared.astype(jnp.float32) - 1.0)
+
+
+def latent_features(
+    unet: UNetEncoder,
+    latents: jax.Array,
+    cond: Conditioning,
+    *,
+    timestep: int,
+    unet_dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+    """UNet stage (pure): noise the latents at ``timestep`` and run the encoder to the feature point.
+
+    Args:
+      latents: [B, h, w, c] float32 from ``encode_latents``.
+      (the rest as in ``extract_features``)
+
+    Returns:
+      [B, h', w', C] float32 features.
+    """
     noisy = add_noise(latents, cond.noise, cond.alpha_bar)
-    b = prepared.shape[0]
+    b = latents.shape[0]
     context = jnp.broadcast_to(cond.encoder_hidden_states, (b, *cond.encoder_hidden_states.shape))
     text_embeds = None if cond.text_embeds is None else jnp.broadcast_to(cond.text_embeds, (b, *cond.text_embeds.shape))
     time_ids = None if cond.time_ids is None else jnp.broadcast_to(cond.time_ids, (b, *cond.time_ids.shape))
@@ -169,11 +194,22 @@ def encode_prepared(
     return feats.astype(jnp.float32)
 
 
-class Backbone:
-    """A loaded feature extractor: modules, constants and one jitted ``extract_features``.
+# XLA:CPU hands dots and convolutions to its YNNPACK library fusions by default. Measured on this
+# project's 2-core CPU (experiments/bench_backbone.py, SSD-1B architecture, float32): they speed up
+# the UNet encoder's weight-heavy dots (512 px: 1.72 s with, 2.05 s without) but slow the VAE's
+# large-image convolutions and attention (512 px: 7.1 s with, 5.6 s without; 1024 px: 36.7 vs 31.0 s).
+# So the VAE is compiled as its own program with them off. The option exists only for CPUs.
+_VAE_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
-    Build with ``load_backbone``. The jitted function takes the parameters as arguments (not as
-    baked-in constants), so compilation stays small; it compiles once per input shape and dtype.
+
+class Backbone:
+    """A loaded feature extractor: modules, constants and a compiled ``extract_features``.
+
+    Build with ``load_backbone``. A call runs two compiled programs back to back, with no host
+    transfer in between: preprocessing + VAE, then noise + UNet encoder (on CPUs they need different
+    compiler options, see ``_VAE_CPU_COMPILER_OPTIONS``; the pure ``extract_features`` function jits
+    as one program where that is preferred). The parameters are arguments, not baked-in constants,
+    so compilation stays small; each program compiles once per input shape and dtype.
     """
 
     def __init__(
@@ -191,8 +227,10 @@ class Backbone:
         self.cond = cond
         self._unet_graph, self.unet_params = nnx.split(unet)
         self._vae_graph, self.vae_params = nnx.split(vae)
-        self._jitted = jax.jit(self._run)
-        self._jitted_prepared = jax.jit(self._run_prepared)
+        vae_options = _VAE_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+        self._jitted_images = jax.jit(self._latents_from_images, compiler_options=vae_options)
+        self._jitted_prepared = jax.jit(self._latents_from_prepared, compiler_options=vae_options)
+        self._jitted_unet = jax.jit(self._features_from_latents)
 
     @property
     def resolution(self) -> int:
@@ -205,22 +243,23 @@ class Backbone:
         side = self.cfg.resolution // (self.vae_config.downscale * self.unet_config.feature_stride)
         return side, side, self.unet_config.feature_channels
 
-    def _run(self, unet_params, vae_params, cond: Conditioning, images: jax.Array) -> jax.Array:
-        return extract_features(
-            nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), images, cond,
-            timestep=self.cfg.timestep, resolution=self.cfg.resolution,
-            unet_dtype=_DTYPES[self.cfg.unet_dtype],
-        )
+    def _latents_from_images(self, vae_params, images: jax.Array) -> jax.Array:
+        prepared = (preprocess_images(images, resolution=self.cfg.resolution) + 1.0) / 2.0
+        return encode_latents(nnx.merge(self._vae_graph, vae_params), prepared)
 
-    def _run_prepared(self, unet_params, vae_params, cond: Conditioning, prepared: jax.Array) -> jax.Array:
-        return encode_prepared(
-            nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), prepared, cond,
+    def _latents_from_prepared(self, vae_params, prepared: jax.Array) -> jax.Array:
+        return encode_latents(nnx.merge(self._vae_graph, vae_params), prepared)
+
+    def _features_from_latents(self, unet_params, cond: Conditioning, latents: jax.Array) -> jax.Array:
+        return latent_features(
+            nnx.merge(self._unet_graph, unet_params), latents, cond,
             timestep=self.cfg.timestep, unet_dtype=_DTYPES[self.cfg.unet_dtype],
         )
 
     def extract_features(self, images: jax.Array | np.ndarray) -> jax.Array:
         """images: [B, H, W, 3] uint8 or float in [0, 1] -> [B, h, w, C] float32 features."""
-        return self._jitted(self.unet_params, self.vae_params, self.cond, jnp.asarray(images))
+        latents = self._jitted_images(self.vae_params, jnp.asarray(images))
+        return self._jitted_unet(self.unet_params, self.cond, latents)
 
     def extract_features_prepared(self, prepared: jax.Array | np.ndarray) -> jax.Array:
         """[B, S, S, 3] float in [0, 1] from ``prepare_image(image, self.resolution)`` -> [B, h, w, C]."""
@@ -230,7 +269,8 @@ class Backbone:
                 f"prepared images must be [B, {self.resolution}, {self.resolution}, 3] from "
                 f"preprocess.prepare_image(image, {self.resolution}), got shape {tuple(prepared.shape)}"
             )
-        return self._jitted_prepared(self.unet_params, self.vae_params, self.cond, prepared)
+        latents = self._jitted_prepared(self.vae_params, prepared)
+        return self._jitted_unet(self.unet_params, self.cond, latents)
 
     __call__ = extract_features
 

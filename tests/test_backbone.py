@@ -103,18 +103,33 @@ def test_prepared_images_of_any_source_size_share_one_compiled_extractor(backbon
     prepared = prepare_image(jnp.asarray(images), RES)
     np.testing.assert_allclose(backbone.extract_features_prepared(prepared), backbone.extract_features(images), atol=1e-5)
     other = prepare_image(jnp.asarray(images[:, : images.shape[1] - 3]), RES)  # another source size
-    before = backbone._jitted_prepared._cache_size()
+    before = backbone._jitted_prepared._cache_size(), backbone._jitted_unet._cache_size()
     backbone.extract_features_prepared(other)
-    assert backbone._jitted_prepared._cache_size() == before
+    assert (backbone._jitted_prepared._cache_size(), backbone._jitted_unet._cache_size()) == before
     with pytest.raises(ValueError, match="prepare_image"):
         backbone.extract_features_prepared(images)
 
 
 def test_extractor_compiles_once_per_shape(backbone, images):
     backbone.extract_features(images)
-    before = backbone._jitted._cache_size()
+    before = backbone._jitted_images._cache_size(), backbone._jitted_unet._cache_size()
     backbone.extract_features(images + 1)
-    assert backbone._jitted._cache_size() == before
+    assert (backbone._jitted_images._cache_size(), backbone._jitted_unet._cache_size()) == before
+
+
+def test_two_stage_extractor_equals_the_pure_function_jitted_whole(backbone, images):
+    """Backbone runs VAE and UNet as two compiled programs; one jit of the pure function agrees."""
+    from flax import nnx
+
+    from spark_jax.backbone import extract_features
+
+    whole = jax.jit(
+        lambda up, vp, cond, x: extract_features(
+            nnx.merge(backbone._unet_graph, up), nnx.merge(backbone._vae_graph, vp), x, cond,
+            timestep=backbone.cfg.timestep, resolution=backbone.resolution,
+        )
+    )(backbone.unet_params, backbone.vae_params, backbone.cond, jnp.asarray(images))
+    np.testing.assert_allclose(whole, backbone.extract_features(images), rtol=1e-5, atol=1e-5)
 
 
 def test_torch_noise_source_reproduces_the_reference_draw_and_is_cached(tmp_path, monkeypatch):

@@ -63,35 +63,67 @@ class Attention(nnx.Module):
         q = self.to_q(x).reshape(b, t, self.heads, self.dim_head)
         k = self.to_k(context).reshape(b, context.shape[1], self.heads, self.dim_head)
         v = self.to_v(context).reshape(b, context.shape[1], self.heads, self.dim_head)
-        out = _attention(q, k, v, scale=self.dim_head**-0.5)
+        out = dot_product_attention(q, k, v, scale=self.dim_head**-0.5)
         out = self.to_out[0](out.reshape(b, t, self.heads * self.dim_head))
         if self.residual_connection:
             out = out + residual
         return out.reshape(spatial_shape)
 
 
-# Largest logits block materialised at once (elements): 2^26 float32 = 256 MB. Above it, queries are
-# processed in chunks (rows of a softmax are independent, so the result is the same). Without this the
-# SDXL VAE's single-head attention over 128x128 latents holds two 1 GB [16384, 16384] arrays.
-MAX_LOGITS = 2**26
+# Attention is computed per (batch, head) and per block of BLOCK_Q queries, each block a plain 2-D
+# problem whose [BLOCK_Q, S] logits stay small: XLA:CPU runs batched (per-head) dots and long
+# softmax passes several times slower than 2-D ones (measured in experiments/bench_attention.py,
+# 2-4x at the SSD-1B and SDXL-VAE shapes). Small problems (all logits <= MAX_UNBLOCKED_LOGITS
+# elements, e.g. cross-attention over 77 tokens) run in one batched step, where a loop costs more
+# than it saves. Rows of a softmax are independent, so blocking changes no result.
+BLOCK_Q = 1024
+MAX_UNBLOCKED_LOGITS = 2**22
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, max_logits: int = MAX_LOGITS) -> jax.Array:
-    """softmax(q k^T * scale) v with float32 logits; q: [B, T, N, H], k, v: [B, S, N, H] -> [B, T, N, H]."""
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    block_q: int = BLOCK_Q,
+    max_unblocked_logits: int = MAX_UNBLOCKED_LOGITS,
+) -> jax.Array:
+    """softmax(q k^T * scale) v with float32 logits and accumulation.
+
+    Args:
+      q: [B, T, N, H] queries.
+      k, v: [B, S, N, H] keys and values.
+      scale: logit scale (diffusers: dim_head ** -0.5).
+      block_q: queries per block when blocking (T is zero-padded to a multiple; padded rows are
+        dropped).
+      max_unblocked_logits: problems with at most this many logits (B * N * T * S) are not blocked.
+
+    Returns:
+      [B, T, N, H] in v's dtype. The softmax is normalised after the value product (one division
+      per output element instead of one per logit).
+    """
     b, t, n, h = q.shape
-    chunks = 1
-    while b * n * (t // chunks) * k.shape[1] > max_logits and t % (2 * chunks) == 0:
-        chunks *= 2
+    s = k.shape[1]
+    # [B*N, T, H]: one independent 2-D attention per (batch, head).
+    qh, kh, vh = (x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h) for x in (q, k, v))
 
-    def block(qc: jax.Array) -> jax.Array:
-        logits = jnp.einsum("btnh,bsnh->bnts", qc, k, preferred_element_type=jnp.float32) * scale
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bnts,bsnh->btnh", probs, v)
+    def attend(qc: jax.Array, kc: jax.Array, vc: jax.Array) -> jax.Array:
+        logits = jnp.einsum("...th,...sh->...ts", qc, kc, preferred_element_type=jnp.float32) * scale
+        weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        out = jnp.einsum("...ts,...sh->...th", weights.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
+        return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(vc.dtype)
 
-    if chunks == 1:
-        return block(q)
-    qs = q.reshape(b, chunks, t // chunks, n, h).swapaxes(0, 1)
-    return jax.lax.map(block, qs).swapaxes(0, 1).reshape(b, t, n, h)
+    if b * n * t * s <= max_unblocked_logits:
+        out = attend(qh, kh, vh)
+    else:
+        block = min(block_q, t)
+        blocks = -(-t // block)
+        qh = jnp.pad(qh, ((0, 0), (0, blocks * block - t), (0, 0))).reshape(b * n * blocks, block, h)
+        head = jnp.arange(b * n * blocks) // blocks
+        out = jax.lax.map(lambda a: attend(a[0], kh[a[1]], vh[a[1]]), (qh, head))
+        out = out.reshape(b * n, blocks * block, h)[:, :t]
+    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
 
 
 class GEGLU(nnx.Module):
