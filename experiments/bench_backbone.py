@@ -7,34 +7,42 @@ transformer_blocks.3.attn1) from uint8 images, all in float32 on this machine's 
   truncated  PyTorch stopped at the feature point (the hook raises once it has the output)
   jax        spark_jax's jitted extractor (Backbone.extract_features)
 
-Each (path, size) runs in its own spawned process so peak memory is per path. Times are the
-median of --repeats calls after one warm-up call (for JAX the warm-up includes compilation, reported
-separately). Prompt conditioning is random (77 x 2048 + 1280), as text encoders play no part in
-the per-image cost.
+Each path runs in its own spawned process (so peak memory is per path). The processes load and
+warm up one after another (for JAX the warm-up includes compilation), then take turns: each round
+calls every path once, in an order rotated every round, and ratios are taken within a round. This
+machine's speed drifts by up to ~40% over tens of minutes (a shared VM), which made the earlier
+path-after-path timings disagree from run to run; interleaving puts every path under the same drift.
+Prompt conditioning is random (77 x 2048 + 1280), as text encoders play no part in the per-image cost.
 
 Usage:
-  python -m experiments.bench_backbone --sizes=512,1024 --repeats=2
+  python -m experiments.bench_backbone --sizes=512,1024 --repeats=3
 
-Measured 2026-11-22 on the shared 2-core CPU (load average 6-9 from other jobs, so absolute times are
-~4x an idle machine's; the paths ran one after another under the same load), float32, batch 1:
+Measured 2026-11-22 (2-core CPU, nothing else running, float32, batch 1, 3 interleaved rounds;
+medians; ratios are medians of per-round ratios):
 
-   size       path  time (s)  peak RSS (GB)  time / jax
-    512  reference     59.04           5.75        1.64
-    512  truncated     40.93           2.82        1.14
-    512        jax     36.01           3.05        1.00
-   1024  reference    218.44           7.91        1.67
-   1024  truncated    145.03           4.97        1.11
-   1024        jax    131.15           5.80        1.00
+   size       path  time (s)  peak RSS (GB)  time / jax   per-round ratios
+   1024  reference     61.11           7.86        1.49   1.37, 1.55, 1.49
+   1024  truncated     47.01           4.87        1.15   1.14, 1.16, 1.15
+   1024        jax     40.95           3.77        1.00
+    512  reference     13.36           5.73        1.50   1.50, 1.40, 1.56
+    512  truncated      7.85           2.84        0.88   0.86, 1.05, 0.88
+    512        jax      8.90           3.07        1.00
 
-After chunking large attentions (spark_jax.models.attention.MAX_LOGITS), two more 1024 px runs of
-truncated vs jax: 71.4 vs 92.4 s (jax first, load ~4) and 67.8 vs 50.1 s (truncated first, load
-falling to ~0.4): the ratio swings 0.77..1.35 with the other jobs' load, so on this shared machine the
-two are level within noise; in-process A/B of the VAE alone (512 px) gave JAX 22.6-27.5 s vs PyTorch
-23.9 s. JAX peak RSS at 1024 px fell from 5.80 to 4.05 GB (PyTorch truncated: 4.79 GB).
+Targets: at 1024 px JAX beats PyTorch truncated (1.15) but not 2x the reference (1.49); at 512 px it
+is 12% behind truncated (0.88) and 1.50x the reference. By component (one process, alternating
+calls, 512 px): the VAE runs ~1.3x faster in JAX than in PyTorch (6.4-7.6 vs 8.2-10.9 s), the UNet
+encoder ~1.2-1.4x slower (1.9-2.5 vs 1.6-1.8 s): XLA:CPU's convolutions at the UNet's small
+spatial sizes run at 40-65% of oneDNN's speed (e.g. 3x3, 1280 -> 1280 channels on 16x16: 125 vs
+49 ms; neither its oneDNN nor its YNNPACK option closes the gap). The 2x target would need the
+VAE, common to every path (4.33 of the reference's 8.04 TFLOP at 1024 px), to run ~2x faster than
+PyTorch's, i.e. fewer FLOPs (e.g. Winograd convolutions), not faster kernels.
 
-The 2x-over-reference target is out of reach at equal per-FLOP speed: the SDXL VAE (4.33 TFLOP at
-1024 px) is common to all paths, so reference / truncated FLOPs = (4.33 + 3.71) / (4.33 + 1.11) =
-1.48 (reference facts, section 9); JAX reaches 1.67 by being ~10% faster than PyTorch per call.
+Before this version (path after path, under other jobs' load 6-9): reference/jax 1.64 (512) and
+1.67 (1024), truncated/jax 1.14 and 1.11; on an idle machine, path after path, the first version
+(batched attention, one compiled program) gave 1.44 / 0.85 at 512 px. What changed since: attention
+blocked per head and per 1024 queries (models/attention.py; 2-4x faster at the UNet's and VAE's
+shapes, see experiments/bench_attention.py) and the VAE compiled with XLA:CPU's YNNPACK fusions off
+(backbone.py, 5.6 vs 7.1 s at 512 px).
 
 The first run writes ~6 GB of random weights to --workdir (reused afterwards). Expect several
 minutes per size at 1024 px on a 2-core CPU.
@@ -56,7 +64,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["512", "1024"], "Image sides (the resolution the images are resized to).")
 flags.DEFINE_list("paths", ["reference", "truncated", "jax"], "Which extraction paths to time.")
 flags.DEFINE_integer("batch", 1, "Images per call.")
-flags.DEFINE_integer("repeats", 2, "Timed calls after the warm-up call.")
+flags.DEFINE_integer("repeats", 3, "Timed rounds after the warm-up call (each round calls every path once).")
 flags.DEFINE_string("workdir", "/tmp/spark_jax_bench", "Where the random-weight checkpoint and cache live.")
 
 # SSD-1B UNet (reference facts, section 1) and the SDXL VAE.
@@ -221,64 +229,79 @@ def _jax_extractor(root: Path, size: int):
     return extract, load_s
 
 
-def _child(path: str, size: int, batch: int, repeats: int, root: str, out: mp.Queue) -> None:
+def _worker(path: str, size: int, batch: int, root: str, conn) -> None:
+    """One extraction path in its own process, driven by commands from the parent over `conn`."""
     root = Path(root)
     t0 = time.perf_counter()
-    load_s = None
     if path == "jax":
         extract, load_s = _jax_extractor(root, size)
     else:
         extract = _torch_extractor(root, size, truncated=path == "truncated")
         load_s = time.perf_counter() - t0
     images = _images(size, batch)
-    rss_loaded = _rss_gb()
-    t0 = time.perf_counter()
-    feats = extract(images)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        extract(images)
-        times.append(time.perf_counter() - t0)
-    out.put(dict(
-        path=path, size=size, load_s=load_s, first_s=first, time_s=statistics.median(times), times=times,
-        # diffusers maps its weights lazily (they page in during the first call), spark_jax holds them
-        # after loading: the comparable figure is the process's peak RSS over loading and extracting.
-        rss_loaded_gb=rss_loaded, peak_gb=_peak_gb(),
-        shape=tuple(feats.shape),
-    ))
+    conn.send(dict(load_s=load_s, rss_loaded_gb=_rss_gb()))
+    shape = None
+    while True:
+        cmd = conn.recv()
+        if cmd == "call":
+            t0 = time.perf_counter()
+            feats = extract(images)
+            conn.send(time.perf_counter() - t0)
+            shape = tuple(feats.shape)
+        else:
+            # diffusers maps its weights lazily (they page in during the first call), spark_jax holds
+            # them after loading: the comparable figure is the peak RSS over loading and extracting.
+            conn.send(dict(peak_gb=_peak_gb(), shape=shape))
+            return
 
 
 def run(sizes: list[int], paths: list[str], batch: int, repeats: int, workdir: Path) -> list[dict]:
-    """Runs every (size, path) in its own process and prints a table of times and ratios."""
+    """Times every path at every size, interleaved, and prints a table of times and ratios.
+
+    Each path lives in its own process (so peak memory is per path). They load and warm up one
+    after another, then take turns: round r calls every path once, in an order rotated each round,
+    so a drift in the machine's speed (a shared CPU's neighbours, clocks) hits every path alike.
+    Ratios are taken per round (same moment), and their median is reported.
+    """
     build_checkpoint(workdir)
     ctx = mp.get_context("spawn")
     results = []
     for size in sizes:
+        workers = {}
         for path in paths:
-            log(f"{path} at {size} px (batch {batch}): loading, warm-up, {repeats} timed call(s) ...")
-            q = ctx.Queue()
-            proc = ctx.Process(target=_child, args=(path, size, batch, repeats, str(workdir), q))
+            log(f"{path} at {size} px (batch {batch}): loading and warming up ...")
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(path, size, batch, str(workdir), child))
             proc.start()
+            if not parent.poll(3600):
+                raise RuntimeError(f"{path} did not finish loading within an hour")
+            info = parent.recv()
+            parent.send("call")  # warm-up (for JAX: compilation included)
+            info["first_s"] = parent.recv()
+            workers[path] = (proc, parent, info)
+            log(f"  load {info['load_s']:.1f} s, first call {info['first_s']:.1f} s, "
+                f"RSS after load {info['rss_loaded_gb']:.2f} GB")
+        times = {path: [] for path in paths}
+        for r in range(repeats):
+            order = paths[r % len(paths):] + paths[: r % len(paths)]
+            for path in order:
+                workers[path][1].send("call")
+                times[path].append(workers[path][1].recv())
+            log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{p} {times[p][-1]:.2f} s" for p in paths))
+        for path in paths:
+            proc, conn, info = workers[path]
+            conn.send("stop")
+            info.update(conn.recv())
             proc.join()
-            if proc.exitcode != 0:
-                log(f"  {path} failed with exit code {proc.exitcode}")
-                continue
-            r = q.get()
-            results.append(r)
-            log(f"  load {r['load_s']:.1f} s, first call {r['first_s']:.1f} s, median {r['time_s']:.2f} s, "
-                f"RSS after load {r['rss_loaded_gb']:.2f} GB, peak RSS {r['peak_gb']:.2f} GB, features {r['shape']}")
+            results.append(dict(path=path, size=size, time_s=statistics.median(times[path]), times=times[path], **info))
     print()
     print(f"{'size':>5} {'path':>10} {'time (s)':>9} {'first (s)':>10} {'load (s)':>9} {'RSS loaded':>11} "
           f"{'peak RSS':>9} {'time / jax':>11}")
     for size in sizes:
         rows = {r["path"]: r for r in results if r["size"] == size}
-        jax_t = rows.get("jax", {}).get("time_s")
         for path in paths:
-            if path not in rows:
-                continue
             r = rows[path]
-            ratio = f"{r['time_s'] / jax_t:11.2f}" if jax_t else f"{'-':>11}"
+            ratio = f"{_ratio(r, rows.get('jax')):11.2f}" if "jax" in rows else f"{'-':>11}"
             print(f"{size:>5} {path:>10} {r['time_s']:9.2f} {r['first_s']:10.1f} {r['load_s']:9.1f} "
                   f"{r['rss_loaded_gb']:11.2f} {r['peak_gb']:9.2f} {ratio}")
     for size in sizes:
@@ -286,10 +309,17 @@ def run(sizes: list[int], paths: list[str], batch: int, repeats: int, workdir: P
         if "jax" in rows:
             for path, target in (("truncated", 1.0), ("reference", 2.0)):
                 if path in rows:
-                    ratio = rows[path]["time_s"] / rows["jax"]["time_s"]
+                    per_round = [a / b for a, b in zip(rows[path]["times"], rows["jax"]["times"])]
+                    ratio = _ratio(rows[path], rows["jax"])
                     verdict = "met" if ratio >= target else "NOT met"
-                    print(f"{size} px: {path} / jax = {ratio:.2f} (target >= {target:.1f}: {verdict})")
+                    print(f"{size} px: {path} / jax = {ratio:.2f} (median of rounds "
+                          f"{', '.join(f'{x:.2f}' for x in per_round)}; target >= {target:.1f}: {verdict})")
     return results
+
+
+def _ratio(row: dict, jax_row: dict) -> float:
+    """Median over rounds of (this path's time / JAX's time in the same round)."""
+    return statistics.median(a / b for a, b in zip(row["times"], jax_row["times"]))
 
 
 def main(argv):

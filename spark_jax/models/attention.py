@@ -72,10 +72,10 @@ class Attention(nnx.Module):
 
 # Attention is computed per (batch, head) and per block of BLOCK_Q queries, each block a plain 2-D
 # problem whose [BLOCK_Q, S] logits stay small: XLA:CPU runs batched (per-head) dots and long
-# softmax passes several times slower than 2-D ones (measured in experiments/bench_attention.py,
-# 2-4x at the SSD-1B and SDXL-VAE shapes). Small problems (all logits <= MAX_UNBLOCKED_LOGITS
-# elements, e.g. cross-attention over 77 tokens) run in one batched step, where a loop costs more
-# than it saves. Rows of a softmax are independent, so blocking changes no result.
+# softmax passes several times slower than 2-D ones (experiments/bench_attention.py: 1.4-3.9x
+# faster than one batched softmax at the SSD-1B and SDXL-VAE shapes). Small problems (all logits
+# <= MAX_UNBLOCKED_LOGITS elements, e.g. cross-attention over 77 tokens) run in one batched step,
+# where a loop costs more than it saves. Rows of a softmax are independent: blocking changes no result.
 BLOCK_Q = 1024
 MAX_UNBLOCKED_LOGITS = 2**22
 
