@@ -39,10 +39,10 @@ PyTorch's, i.e. fewer FLOPs (e.g. Winograd convolutions), not faster kernels.
 
 Before this version (path after path, under other jobs' load 6-9): reference/jax 1.64 (512) and
 1.67 (1024), truncated/jax 1.14 and 1.11; on an idle machine, path after path, the first version
-(batched attention, one compiled program) gave 1.44 / 0.85 at 512 px. What changed since: attention
-blocked per head and per 1024 queries (models/attention.py; 2-4x faster at the UNet's and VAE's
-shapes, see experiments/bench_attention.py) and the VAE compiled with XLA:CPU's YNNPACK fusions off
-(backbone.py, 5.6 vs 7.1 s at 512 px).
+(batched attention, default compiler options) gave 1.44 / 0.85 at 512 px. What changed since:
+attention blocked per head and per 1024 queries (models/attention.py; 1.4-3.9x faster at the UNet's
+and VAE's shapes, see experiments/bench_attention.py) and the extractor compiled with XLA:CPU's
+YNNPACK fusions off (backbone.py; VAE 5.6 vs 7.1 s at 512 px).
 
 The first run writes ~6 GB of random weights to --workdir (reused afterwards). Expect several
 minutes per size at 1024 px on a 2-core CPU.

@@ -194,22 +194,19 @@ def latent_features(
     return feats.astype(jnp.float32)
 
 
-# XLA:CPU hands dots and convolutions to its YNNPACK library fusions by default. Measured on this
-# project's 2-core CPU (experiments/bench_backbone.py, SSD-1B architecture, float32): they speed up
-# the UNet encoder's weight-heavy dots (512 px: 1.72 s with, 2.05 s without) but slow the VAE's
-# large-image convolutions and attention (512 px: 7.1 s with, 5.6 s without; 1024 px: 36.7 vs 31.0 s).
-# So the VAE is compiled as its own program with them off. The option exists only for CPUs.
-_VAE_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU hands dots and convolutions to its YNNPACK library fusions by default. On this project's
+# 2-core CPU they are slower for both halves of the extractor (float32, 512 px, one process,
+# alternating calls: SDXL VAE 5.6-5.8 s off vs 7.1 s on; SSD-1B encoder median 1.87 s off vs 2.09 s
+# on over 10 rounds), so the extractor is compiled with them off. The option exists only for CPUs.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 class Backbone:
-    """A loaded feature extractor: modules, constants and a compiled ``extract_features``.
+    """A loaded feature extractor: modules, constants and one jitted ``extract_features``.
 
-    Build with ``load_backbone``. A call runs two compiled programs back to back, with no host
-    transfer in between: preprocessing + VAE, then noise + UNet encoder (on CPUs they need different
-    compiler options, see ``_VAE_CPU_COMPILER_OPTIONS``; the pure ``extract_features`` function jits
-    as one program where that is preferred). The parameters are arguments, not baked-in constants,
-    so compilation stays small; each program compiles once per input shape and dtype.
+    Build with ``load_backbone``. The jitted function takes the parameters as arguments (not as
+    baked-in constants), so compilation stays small; it compiles once per input shape and dtype.
+    On CPUs it is compiled with ``_CPU_COMPILER_OPTIONS``.
     """
 
     def __init__(
@@ -227,10 +224,9 @@ class Backbone:
         self.cond = cond
         self._unet_graph, self.unet_params = nnx.split(unet)
         self._vae_graph, self.vae_params = nnx.split(vae)
-        vae_options = _VAE_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-        self._jitted_images = jax.jit(self._latents_from_images, compiler_options=vae_options)
-        self._jitted_prepared = jax.jit(self._latents_from_prepared, compiler_options=vae_options)
-        self._jitted_unet = jax.jit(self._features_from_latents)
+        options = _CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+        self._jitted = jax.jit(self._run, compiler_options=options)
+        self._jitted_prepared = jax.jit(self._run_prepared, compiler_options=options)
 
     @property
     def resolution(self) -> int:
@@ -243,23 +239,22 @@ class Backbone:
         side = self.cfg.resolution // (self.vae_config.downscale * self.unet_config.feature_stride)
         return side, side, self.unet_config.feature_channels
 
-    def _latents_from_images(self, vae_params, images: jax.Array) -> jax.Array:
-        prepared = (preprocess_images(images, resolution=self.cfg.resolution) + 1.0) / 2.0
-        return encode_latents(nnx.merge(self._vae_graph, vae_params), prepared)
+    def _run(self, unet_params, vae_params, cond: Conditioning, images: jax.Array) -> jax.Array:
+        return extract_features(
+            nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), images, cond,
+            timestep=self.cfg.timestep, resolution=self.cfg.resolution,
+            unet_dtype=_DTYPES[self.cfg.unet_dtype],
+        )
 
-    def _latents_from_prepared(self, vae_params, prepared: jax.Array) -> jax.Array:
-        return encode_latents(nnx.merge(self._vae_graph, vae_params), prepared)
-
-    def _features_from_latents(self, unet_params, cond: Conditioning, latents: jax.Array) -> jax.Array:
-        return latent_features(
-            nnx.merge(self._unet_graph, unet_params), latents, cond,
+    def _run_prepared(self, unet_params, vae_params, cond: Conditioning, prepared: jax.Array) -> jax.Array:
+        return encode_prepared(
+            nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), prepared, cond,
             timestep=self.cfg.timestep, unet_dtype=_DTYPES[self.cfg.unet_dtype],
         )
 
     def extract_features(self, images: jax.Array | np.ndarray) -> jax.Array:
         """images: [B, H, W, 3] uint8 or float in [0, 1] -> [B, h, w, C] float32 features."""
-        latents = self._jitted_images(self.vae_params, jnp.asarray(images))
-        return self._jitted_unet(self.unet_params, self.cond, latents)
+        return self._jitted(self.unet_params, self.vae_params, self.cond, jnp.asarray(images))
 
     def extract_features_prepared(self, prepared: jax.Array | np.ndarray) -> jax.Array:
         """[B, S, S, 3] float in [0, 1] from ``prepare_image(image, self.resolution)`` -> [B, h, w, C]."""
@@ -269,8 +264,7 @@ class Backbone:
                 f"prepared images must be [B, {self.resolution}, {self.resolution}, 3] from "
                 f"preprocess.prepare_image(image, {self.resolution}), got shape {tuple(prepared.shape)}"
             )
-        latents = self._jitted_prepared(self.vae_params, prepared)
-        return self._jitted_unet(self.unet_params, self.cond, latents)
+        return self._jitted_prepared(self.unet_params, self.vae_params, self.cond, prepared)
 
     __call__ = extract_features
 

@@ -103,22 +103,22 @@ def test_prepared_images_of_any_source_size_share_one_compiled_extractor(backbon
     prepared = prepare_image(jnp.asarray(images), RES)
     np.testing.assert_allclose(backbone.extract_features_prepared(prepared), backbone.extract_features(images), atol=1e-5)
     other = prepare_image(jnp.asarray(images[:, : images.shape[1] - 3]), RES)  # another source size
-    before = backbone._jitted_prepared._cache_size(), backbone._jitted_unet._cache_size()
+    before = backbone._jitted_prepared._cache_size()
     backbone.extract_features_prepared(other)
-    assert (backbone._jitted_prepared._cache_size(), backbone._jitted_unet._cache_size()) == before
+    assert backbone._jitted_prepared._cache_size() == before
     with pytest.raises(ValueError, match="prepare_image"):
         backbone.extract_features_prepared(images)
 
 
 def test_extractor_compiles_once_per_shape(backbone, images):
     backbone.extract_features(images)
-    before = backbone._jitted_images._cache_size(), backbone._jitted_unet._cache_size()
+    before = backbone._jitted._cache_size()
     backbone.extract_features(images + 1)
-    assert (backbone._jitted_images._cache_size(), backbone._jitted_unet._cache_size()) == before
+    assert backbone._jitted._cache_size() == before
 
 
-def test_two_stage_extractor_equals_the_pure_function_jitted_whole(backbone, images):
-    """Backbone runs VAE and UNet as two compiled programs; one jit of the pure function agrees."""
+def test_backbone_equals_a_plain_jit_of_the_pure_function(backbone, images):
+    """The Backbone's program (CPU compiler options) and a plain jit of extract_features agree."""
     from flax import nnx
 
     from spark_jax.backbone import extract_features
