@@ -17,19 +17,23 @@ Prompt conditioning is random (77 x 2048 + 1280), as text encoders play no part 
 Usage:
   python -m experiments.bench_backbone --sizes=512,1024 --repeats=3
 
-Measured 2026-11-22 (2-core CPU, nothing else running, float32, batch 1, 3 interleaved rounds;
-medians; ratios are medians of per-round ratios):
+Measured 2026-11-22 (2-core CPU, nothing else running, float32, batch 1; medians; ratios are
+medians of per-round ratios). Run A: the VAE and UNet as two programs (an intermediate version);
+run B: the current single program with YNNPACK fusions off, 4 rounds at 512 px and 3 at 1024 px:
 
-   size       path  time (s)  peak RSS (GB)  time / jax   per-round ratios
-   1024  reference     61.11           7.86        1.49   1.37, 1.55, 1.49
-   1024  truncated     47.01           4.87        1.15   1.14, 1.16, 1.15
-   1024        jax     40.95           3.77        1.00
-    512  reference     13.36           5.73        1.50   1.50, 1.40, 1.56
-    512  truncated      7.85           2.84        0.88   0.86, 1.05, 0.88
-    512        jax      8.90           3.07        1.00
+   size       path  A time (s)  A time/jax  (rounds)            B time (s)  B time/jax  (rounds)
+   1024  reference       61.11        1.49  1.37, 1.55, 1.49         54.43        1.37  1.31, 1.37, 1.38
+   1024  truncated       47.01        1.15  1.14, 1.16, 1.15         39.40        1.00  1.15, 0.97, 1.00
+   1024        jax       40.95                                       39.35
+    512  reference       13.36        1.50  1.50, 1.40, 1.56         14.73        1.57  1.50, 1.36, 1.65, 1.64
+    512  truncated        7.85        0.88  0.86, 1.05, 0.88         10.63        1.12  1.13, 1.00, 1.26, 1.11
+    512        jax        8.90                                        9.08
 
-Targets: at 1024 px JAX beats PyTorch truncated (1.15) but not 2x the reference (1.49); at 512 px it
-is 12% behind truncated (0.88) and 1.50x the reference. By component (one process, alternating
+   peak RSS (GB, run B): 1024 px reference 7.77, truncated 4.93, jax 3.99; 512 px 5.72, 2.81, 3.07.
+
+Targets: JAX is level with PyTorch truncated (0.88-1.15 across runs and sizes; PyTorch's own
+times moved by 35% between runs A and B, JAX's by 2-4%) and 1.37-1.57x faster than the reference,
+not 2x. By component (one process, alternating
 calls, 512 px): the VAE runs ~1.3x faster in JAX than in PyTorch (6.4-7.6 vs 8.2-10.9 s), the UNet
 encoder ~1.2-1.4x slower (1.9-2.5 vs 1.6-1.8 s): XLA:CPU's convolutions at the UNet's small
 spatial sizes run at 40-65% of oneDNN's speed (e.g. 3x3, 1280 -> 1280 channels on 16x16: 125 vs

@@ -195,9 +195,10 @@ def latent_features(
 
 
 # XLA:CPU hands dots and convolutions to its YNNPACK library fusions by default. On this project's
-# 2-core CPU they are slower for both halves of the extractor (float32, 512 px, one process,
-# alternating calls: SDXL VAE 5.6-5.8 s off vs 7.1 s on; SSD-1B encoder median 1.87 s off vs 2.09 s
-# on over 10 rounds), so the extractor is compiled with them off. The option exists only for CPUs.
+# 2-core CPU they are slower for both halves of the extractor (float32, 512 px: SDXL VAE 5.3-5.6 s
+# off vs 7.1-7.5 s on in back-to-back processes; SSD-1B encoder median 1.87 s off vs 2.09 s on over
+# 10 alternating rounds in one process), so the extractor is compiled with them off. The option
+# exists only for CPUs.
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
