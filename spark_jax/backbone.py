@@ -134,8 +134,8 @@ def extract_features(
     Returns:
       [B, h, w, C] float32 features (h = w = resolution / (8 * 2^feature_block) for SD-family VAEs).
     """
-    x = preprocess_images(images, resolution=resolution)
-    return encode_prepared(unet, vae, (x + 1.0) / 2.0, cond, timestep=timestep, unet_dtype=unet_dtype)
+    latents = vae(preprocess_images(images, resolution=resolution))
+    return latent_features(unet, latents, cond, timestep=timestep, unet_dtype=unet_dtype)
 
 
 def encode_prepared(
@@ -156,13 +156,8 @@ def encode_prepared(
       prepared: [B, S, S, 3] float in [0, 1], S the backbone's resolution.
       (the rest as in ``extract_features``)
     """
-    latents = encode_latents(vae, prepared)
+    latents = vae(2.0 * prepared.astype(jnp.float32) - 1.0)
     return latent_features(unet, latents, cond, timestep=timestep, unet_dtype=unet_dtype)
-
-
-def encode_latents(vae: VAEEncoder, prepared: jax.Array) -> jax.Array:
-    """VAE stage (pure): [B, S, S, 3] in [0, 1] -> [B, S/8, S/8, c] scaled posterior means, float32."""
-    return vae(2.0 * prepared.astype(jnp.float32) - 1.0)
 
 
 def latent_features(
@@ -176,7 +171,7 @@ def latent_features(
     """UNet stage (pure): noise the latents at ``timestep`` and run the encoder to the feature point.
 
     Args:
-      latents: [B, h, w, c] float32 from ``encode_latents``.
+      latents: [B, h, w, c] float32 scaled VAE posterior means.
       (the rest as in ``extract_features``)
 
     Returns:
