@@ -277,11 +277,9 @@ def run(sizes: list[int], paths: list[str], batch: int, repeats: int, workdir: P
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(path, size, batch, str(workdir), child))
             proc.start()
-            if not parent.poll(3600):
-                raise RuntimeError(f"{path} did not finish loading within an hour")
-            info = parent.recv()
+            info = _receive(path, proc, parent, timeout=3600)  # loading
             parent.send("call")  # warm-up (for JAX: compilation included)
-            info["first_s"] = parent.recv()
+            info["first_s"] = _receive(path, proc, parent)
             workers[path] = (proc, parent, info)
             log(f"  load {info['load_s']:.1f} s, first call {info['first_s']:.1f} s, "
                 f"RSS after load {info['rss_loaded_gb']:.2f} GB")
@@ -289,13 +287,14 @@ def run(sizes: list[int], paths: list[str], batch: int, repeats: int, workdir: P
         for r in range(repeats):
             order = paths[r % len(paths):] + paths[: r % len(paths)]
             for path in order:
-                workers[path][1].send("call")
-                times[path].append(workers[path][1].recv())
+                proc, conn, _ = workers[path]
+                conn.send("call")
+                times[path].append(_receive(path, proc, conn))
             log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{p} {times[p][-1]:.2f} s" for p in paths))
         for path in paths:
             proc, conn, info = workers[path]
             conn.send("stop")
-            info.update(conn.recv())
+            info.update(_receive(path, proc, conn))
             proc.join()
             results.append(dict(path=path, size=size, time_s=statistics.median(times[path]), times=times[path], **info))
     print()
@@ -313,17 +312,33 @@ def run(sizes: list[int], paths: list[str], batch: int, repeats: int, workdir: P
         if "jax" in rows:
             for path, target in (("truncated", 1.0), ("reference", 2.0)):
                 if path in rows:
-                    per_round = [a / b for a, b in zip(rows[path]["times"], rows["jax"]["times"])]
-                    ratio = _ratio(rows[path], rows["jax"])
+                    per_round = _per_round(rows[path], rows["jax"])
+                    ratio = statistics.median(per_round)
                     verdict = "met" if ratio >= target else "NOT met"
                     print(f"{size} px: {path} / jax = {ratio:.2f} (median of rounds "
                           f"{', '.join(f'{x:.2f}' for x in per_round)}; target >= {target:.1f}: {verdict})")
     return results
 
 
+def _per_round(row: dict, jax_row: dict) -> list[float]:
+    """This path's time / JAX's time, round by round (same moment)."""
+    return [a / b for a, b in zip(row["times"], jax_row["times"])]
+
+
 def _ratio(row: dict, jax_row: dict) -> float:
-    """Median over rounds of (this path's time / JAX's time in the same round)."""
-    return statistics.median(a / b for a, b in zip(row["times"], jax_row["times"]))
+    """Median over rounds of the per-round ratio."""
+    return statistics.median(_per_round(row, jax_row))
+
+
+def _receive(path: str, proc, conn, timeout: float | None = None):
+    """The worker's next message; a worker that died (e.g. out of memory) is named, not an EOFError."""
+    if not conn.poll(timeout):
+        raise RuntimeError(f"the {path} worker did not answer within {timeout} s")
+    try:
+        return conn.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"the {path} worker exited with code {proc.exitcode} before answering") from None
 
 
 def main(argv):
