@@ -39,7 +39,9 @@ encoder ~1.2-1.4x slower (1.9-2.5 vs 1.6-1.8 s): XLA:CPU's convolutions at the U
 spatial sizes run at 40-65% of oneDNN's speed (e.g. 3x3, 1280 -> 1280 channels on 16x16: 125 vs
 49 ms; neither its oneDNN nor its YNNPACK option closes the gap). The 2x target would need the
 VAE, common to every path (4.33 of the reference's 8.04 TFLOP at 1024 px), to run ~2x faster than
-PyTorch's, i.e. fewer FLOPs (e.g. Winograd convolutions), not faster kernels.
+PyTorch's, i.e. all of it at this CPU's float32 matmul peak (~230 GF/s, which both libraries reach)
+or fewer FLOPs; Winograd convolutions, the FLOP-cutting option, measured slower than XLA:CPU's direct
+ones at the VAE's large maps (WORKSPACE.md, "Backbone speed on a CPU").
 
 Before this version (path after path, under other jobs' load 6-9): reference/jax 1.64 (512) and
 1.67 (1024), truncated/jax 1.14 and 1.11; on an idle machine, path after path, the first version
