@@ -31,13 +31,18 @@ run B: the current single program with YNNPACK fusions off, 4 rounds at 512 px a
 
    peak RSS (GB, run B): 1024 px reference 7.77, truncated 4.93, jax 3.99; 512 px 5.72, 2.81, 3.07.
 
+   Run C, the same code as B, a later session, 3 rounds per size: 1024 px reference 57.55 s,
+   truncated 44.38, jax 41.46 (ratios 1.39 and 1.03); 512 px 14.21, 9.12, 8.64 (1.58 and 0.96).
+
 Targets: JAX is level with PyTorch truncated (0.88-1.15 across runs and sizes; PyTorch's own
-times moved by 35% between runs A and B, JAX's by 2-4%) and 1.37-1.57x faster than the reference,
+times moved by 35% between runs A and B, JAX's by 2-4%) and 1.37-1.58x faster than the reference,
 not 2x. By component (one process, alternating
 calls, 512 px): the VAE runs ~1.3x faster in JAX than in PyTorch (6.4-7.6 vs 8.2-10.9 s), the UNet
-encoder ~1.2-1.4x slower (1.9-2.5 vs 1.6-1.8 s): XLA:CPU's convolutions at the UNet's small
-spatial sizes run at 40-65% of oneDNN's speed (e.g. 3x3, 1280 -> 1280 channels on 16x16: 125 vs
-49 ms; neither its oneDNN nor its YNNPACK option closes the gap). The 2x target would need the
+encoder ~1.2-1.4x slower (1.9-2.5 vs 1.6-1.8 s). With YNNPACK fusions off (as compiled here)
+XLA:CPU's 3x3 convolutions at the UNet's shapes are level with PyTorch's (JAX/torch time 0.77-1.20,
+e.g. 1280 -> 1280 channels on 16x16: 46 vs 60 ms); its float32 GEMMs with 256 rows (the 256 tokens
+of down_blocks.2 at 512 px) are 1.5-1.7x slower (256 x 1280 x 10240: 64 vs 37 ms), and its
+attention 1.0-1.9x (experiments/bench_attention.py). The 2x target would need the
 VAE, common to every path (4.33 of the reference's 8.04 TFLOP at 1024 px), to run ~2x faster than
 PyTorch's, i.e. all of it at this CPU's float32 matmul peak (~230 GF/s, which both libraries reach)
 or fewer FLOPs; Winograd convolutions, the FLOP-cutting option, measured slower than XLA:CPU's direct
