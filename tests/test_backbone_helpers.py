@@ -81,7 +81,7 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def _perturb(module, seed: int) -> None:
+def perturb(module, seed: int) -> None:
     """Randomise norm scales/biases and linear biases (default 1/0 would hide a swapped mapping)."""
     import torch
 
@@ -139,8 +139,8 @@ def build_tiny_pipeline(folder: Path, kind: str = "sdxl", seed: int = 0) -> Path
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**(SDXL_UNET if kind == "sdxl" else SD1_UNET)).eval()
     vae = AutoencoderKL(**VAE).eval()
-    _perturb(unet, seed + 1)
-    _perturb(vae, seed + 2)
+    perturb(unet, seed + 1)
+    perturb(vae, seed + 2)
     encoders = _text_encoders(kind == "sdxl", seed + 3)
     if kind == "sdxl":
         scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

@@ -16,7 +16,13 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from test_backbone_helpers import build_tiny_pipeline, hooked_unet_features  # noqa: E402
+from test_backbone_helpers import (  # noqa: E402
+    SD1_UNET,
+    SDXL_UNET,
+    build_tiny_pipeline,
+    hooked_unet_features,
+    perturb,
+)
 
 from experiments.bench_backbone import SSD1B_UNET  # noqa: E402  (the one reconstruction of SSD-1B's config)
 from spark_jax.checkpoint import load_unet_encoder, load_vae_encoder  # noqa: E402
@@ -81,6 +87,45 @@ def test_unet_features_match_hooked_diffusers_unet(tiny_roots, cache_dir, kind, 
     ours = run(
         jnp.asarray(sample.transpose(0, 2, 3, 1)), jnp.asarray(context),
         None if text_embeds is None else jnp.asarray(text_embeds), None if time_ids is None else jnp.asarray(time_ids),
+    )
+    chex.assert_shape(ours, feature_shape)
+    assert_parity(ours, ref)
+
+
+# Other members of the family, UNet only: SDXL base's form (a plain list of transformer depths, like
+# its [1, 2, 10]) and SD 2.x's (linear projections, upcast_attention, a head count per block, no added
+# embedding, the feature point in down_blocks[-2]).
+FAMILY_FORMS = {
+    "sdxl_base": dict(
+        SDXL_UNET, transformer_layers_per_block=[1, 2, 3], reverse_transformer_layers_per_block=None,
+    ),
+    "sd2": dict(
+        SD1_UNET, attention_head_dim=(1, 2, 2, 2), use_linear_projection=True, upcast_attention=True,
+        cross_attention_dim=24, layers_per_block=2,
+    ),
+}
+
+
+@pytest.mark.parametrize("form,feature_shape", [("sdxl_base", (1, 4, 4, 64)), ("sd2", (1, 4, 4, 32))])
+def test_unet_family_forms_match_hooked_diffusers_unet(tmp_path, form, feature_shape):
+    torch.manual_seed(0)
+    unet_t = diffusers.UNet2DConditionModel(**FAMILY_FORMS[form]).eval()
+    perturb(unet_t, 1)
+    (tmp_path / "model_index.json").write_text("{}")
+    unet_t.save_pretrained(tmp_path / "unet")
+    model, cfg = load_unet_encoder(tmp_path, use_cache=False)
+    rng = np.random.default_rng(1)
+    sample = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
+    context = rng.standard_normal((1, 7, cfg.cross_attention_dim[-1])).astype(np.float32)
+    te = ids = None
+    if form == "sdxl_base":
+        assert cfg.transformer_layers_per_block == ((1, 1), (2, 2), (3, 3))
+        te = rng.standard_normal((1, 24)).astype(np.float32)
+        ids = np.asarray([[128, 128, 0, 0, 128, 128]], np.float32)
+    ref = hooked_unet_features(unet_t, sample, 50, context, te, ids)
+    ours = jax.jit(lambda *a: model(*a))(
+        jnp.asarray(sample.transpose(0, 2, 3, 1)), jnp.asarray(50), jnp.asarray(context),
+        None if te is None else jnp.asarray(te), None if ids is None else jnp.asarray(ids),
     )
     chex.assert_shape(ours, feature_shape)
     assert_parity(ours, ref)
