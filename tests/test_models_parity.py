@@ -65,28 +65,34 @@ def test_timestep_embedding_matches_diffusers(t, flip, shift):
     np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-4)
 
 
+def unet_features_both_ways(unet_t, model, cfg, *, batch, side, tokens, seed, time_ids=None):
+    """(ours, diffusers') features at the feature point for the same random latents and context."""
+    rng = np.random.default_rng(seed)
+    sample = rng.standard_normal((batch, 4, side, side)).astype(np.float32)
+    context = rng.standard_normal((batch, tokens, cfg.cross_attention_dim[-1])).astype(np.float32)
+    text_embeds = None
+    if cfg.text_embeds_dim is None:
+        time_ids = None
+    else:
+        text_embeds = rng.standard_normal((batch, cfg.text_embeds_dim)).astype(np.float32)
+        time_ids = np.asarray(time_ids, np.float32)
+    ref = hooked_unet_features(unet_t, sample, 50, context, text_embeds, time_ids)
+    ours = jax.jit(lambda *a: model(*a))(
+        jnp.asarray(sample.transpose(0, 2, 3, 1)), jnp.asarray(50), jnp.asarray(context),
+        None if text_embeds is None else jnp.asarray(text_embeds), None if time_ids is None else jnp.asarray(time_ids),
+    )
+    return ours, ref
+
+
 @pytest.mark.parametrize("kind,feature_shape", [("sdxl", (2, 8, 8, 64)), ("sd1", (2, 8, 8, 32))])
 def test_unet_features_match_hooked_diffusers_unet(tiny_roots, cache_dir, kind, feature_shape):
     root = tiny_roots[kind]
     unet_t = diffusers.UNet2DConditionModel.from_pretrained(root / "unet").eval()
     model, cfg = load_unet_encoder(root, cache_dir=cache_dir)
-    rng = np.random.default_rng(0)
-    sample = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
-    context = rng.standard_normal((2, 16, cfg.cross_attention_dim[-1])).astype(np.float32)
-    text_embeds = time_ids = None
-    if kind == "sdxl":
-        assert cfg.text_embeds_dim == 24
-        text_embeds = rng.standard_normal((2, 24)).astype(np.float32)
-        time_ids = np.asarray([[256, 256, 0, 0, 256, 256], [300, 200, 10, 5, 256, 256]], np.float32)
-    ref = hooked_unet_features(unet_t, sample, 50, context, text_embeds, time_ids)
-
-    @jax.jit
-    def run(x, ctx, te, ids):
-        return model(x, jnp.asarray(50), ctx, te, ids)
-
-    ours = run(
-        jnp.asarray(sample.transpose(0, 2, 3, 1)), jnp.asarray(context),
-        None if text_embeds is None else jnp.asarray(text_embeds), None if time_ids is None else jnp.asarray(time_ids),
+    assert cfg.text_embeds_dim == (24 if kind == "sdxl" else None)
+    ours, ref = unet_features_both_ways(
+        unet_t, model, cfg, batch=2, side=32, tokens=16, seed=0,
+        time_ids=[[256, 256, 0, 0, 256, 256], [300, 200, 10, 5, 256, 256]],
     )
     chex.assert_shape(ours, feature_shape)
     assert_parity(ours, ref)
@@ -114,18 +120,10 @@ def test_unet_family_forms_match_hooked_diffusers_unet(tmp_path, form, feature_s
     (tmp_path / "model_index.json").write_text("{}")
     unet_t.save_pretrained(tmp_path / "unet")
     model, cfg = load_unet_encoder(tmp_path, use_cache=False)
-    rng = np.random.default_rng(1)
-    sample = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
-    context = rng.standard_normal((1, 7, cfg.cross_attention_dim[-1])).astype(np.float32)
-    te = ids = None
     if form == "sdxl_base":
         assert cfg.transformer_layers_per_block == ((1, 1), (2, 2), (3, 3))
-        te = rng.standard_normal((1, 24)).astype(np.float32)
-        ids = np.asarray([[128, 128, 0, 0, 128, 128]], np.float32)
-    ref = hooked_unet_features(unet_t, sample, 50, context, te, ids)
-    ours = jax.jit(lambda *a: model(*a))(
-        jnp.asarray(sample.transpose(0, 2, 3, 1)), jnp.asarray(50), jnp.asarray(context),
-        None if te is None else jnp.asarray(te), None if ids is None else jnp.asarray(ids),
+    ours, ref = unet_features_both_ways(
+        unet_t, model, cfg, batch=1, side=16, tokens=7, seed=1, time_ids=[[128, 128, 0, 0, 128, 128]]
     )
     chex.assert_shape(ours, feature_shape)
     assert_parity(ours, ref)
@@ -251,15 +249,8 @@ def test_ssd1b_architecture_parity_at_small_latent(tmp_path):
     unet_t.save_pretrained(tmp_path / "unet")
     model, cfg = load_unet_encoder(tmp_path, use_cache=False)
     assert (cfg.feature_block, cfg.transformer_layers_per_block[2]) == (2, (4, 4))
-    rng = np.random.default_rng(0)
-    sample = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
-    context = rng.standard_normal((1, 77, 2048)).astype(np.float32)
-    te = rng.standard_normal((1, 1280)).astype(np.float32)
-    ids = np.asarray([[1024, 1024, 0, 0, 1024, 1024]], np.float32)
-    ref = hooked_unet_features(unet_t, sample, 50, context, te, ids)
-    ours = jax.jit(lambda *a: model(*a))(
-        jnp.asarray(sample.transpose(0, 2, 3, 1)), jnp.asarray(50), jnp.asarray(context), jnp.asarray(te),
-        jnp.asarray(ids),
+    ours, ref = unet_features_both_ways(
+        unet_t, model, cfg, batch=1, side=32, tokens=77, seed=0, time_ids=[[1024, 1024, 0, 0, 1024, 1024]]
     )
     chex.assert_shape(ours, (1, 8, 8, 1280))
     assert_parity(ours, ref)
