@@ -65,8 +65,18 @@ def test_timestep_embedding_matches_diffusers(t, flip, shift):
     np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-4)
 
 
+def save_and_load_unet(unet_t, folder):
+    """Saves a diffusers UNet as a one-model pipeline folder and loads our encoder from it (no cache)."""
+    (folder / "model_index.json").write_text("{}")
+    unet_t.save_pretrained(folder / "unet")
+    return load_unet_encoder(folder, use_cache=False)
+
+
 def unet_features_both_ways(unet_t, model, cfg, *, batch, side, tokens, seed, time_ids=None):
-    """(ours, diffusers') features at the feature point for the same random latents and context."""
+    """(ours, diffusers') features at the feature point for the same random latents and context.
+
+    Random pooled text embeddings and the given ``time_ids`` go in only for ``text_time`` models.
+    """
     rng = np.random.default_rng(seed)
     sample = rng.standard_normal((batch, 4, side, side)).astype(np.float32)
     context = rng.standard_normal((batch, tokens, cfg.cross_attention_dim[-1])).astype(np.float32)
@@ -117,9 +127,7 @@ def test_unet_family_forms_match_hooked_diffusers_unet(tmp_path, form, feature_s
     torch.manual_seed(0)
     unet_t = diffusers.UNet2DConditionModel(**FAMILY_FORMS[form]).eval()
     perturb(unet_t, 1)
-    (tmp_path / "model_index.json").write_text("{}")
-    unet_t.save_pretrained(tmp_path / "unet")
-    model, cfg = load_unet_encoder(tmp_path, use_cache=False)
+    model, cfg = save_and_load_unet(unet_t, tmp_path)
     if form == "sdxl_base":
         assert cfg.transformer_layers_per_block == ((1, 1), (2, 2), (3, 3))
     ours, ref = unet_features_both_ways(
@@ -245,9 +253,7 @@ def test_prompt_embeddings_are_read_from_cache_without_torch(tiny_roots, cache_d
 def test_ssd1b_architecture_parity_at_small_latent(tmp_path):
     """Full SSD-1B UNet architecture (random weights) against diffusers at a 32x32 latent."""
     unet_t = diffusers.UNet2DConditionModel(**SSD1B_UNET).eval()
-    (tmp_path / "model_index.json").write_text("{}")
-    unet_t.save_pretrained(tmp_path / "unet")
-    model, cfg = load_unet_encoder(tmp_path, use_cache=False)
+    model, cfg = save_and_load_unet(unet_t, tmp_path)
     assert (cfg.feature_block, cfg.transformer_layers_per_block[2]) == (2, (4, 4))
     ours, ref = unet_features_both_ways(
         unet_t, model, cfg, batch=1, side=32, tokens=77, seed=0, time_ids=[[1024, 1024, 0, 0, 1024, 1024]]
