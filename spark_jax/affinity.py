@@ -11,6 +11,13 @@ import jax.numpy as jnp
 
 from spark_jax.config import GlobalMode, Negatives, SparkConfig
 
+# Bisection bracket of the automatic sharpening exponent p, in log2 p, and its number of steps.
+# 2^-4..2^8 spans a nearly flat to a nearly one-hot row for float32 cosines (DiffCut uses 10, the
+# behaviour map finds 4-8 good on planted features); 24 halvings leave 12 / 2^24 ~ 1e-6 in log2 p,
+# below what float32 entropies resolve.
+SHARPEN_LOG2_RANGE = (-4.0, 8.0)
+SHARPEN_BISECTION_STEPS = 24
+
 # Feature vectors shorter than this are treated as zero vectors by the cosine (no division by 0).
 _NORM_FLOOR = 1e-12
 # The 8-neighbourhood of Eq. 2, in a fixed order.
@@ -78,6 +85,102 @@ def global_affinity(
     return a**sharpen
 
 
+def _log_affinity(a: jax.Array) -> jax.Array:
+    """log of a non-negative affinity [N, N], -inf where it is 0 (such entries stay 0 under any power)."""
+    positive = a > 0
+    return jnp.where(positive, jnp.log(jnp.where(positive, a, 1.0)), -jnp.inf)
+
+
+def mean_row_entropy(a: jax.Array, sharpen: float | jax.Array) -> jax.Array:
+    """Mean Shannon entropy (nats) of the rows of RowNorm(a**sharpen), a [N, N] non-negative.
+
+    Rows without mass (zero or non-finite tokens, which RowNorm turns into self-loops) are left
+    out of the mean; with no such row left the result is 0. Computed in log space, so large
+    powers neither underflow nor overflow.
+    """
+    log_a = _log_affinity(a)
+    logits = sharpen * log_a
+    has_mass = jnp.any(a > 0, axis=-1)
+    lse = jax.nn.logsumexp(jnp.where(has_mass[:, None], logits, 0.0), axis=-1, keepdims=True)
+    q = jnp.exp(logits - lse)
+    # H = -sum q log q = lse - sum q * logits; q = 0 entries contribute 0 (not 0 * -inf).
+    entropy = lse[:, 0] - jnp.sum(jnp.where(q > 0, q * logits, 0.0), axis=-1)
+    count = jnp.sum(has_mass)
+    return jnp.sum(jnp.where(has_mass, entropy, 0.0)) / jnp.maximum(count, 1)
+
+
+def entropy_sharpness(
+    a: jax.Array,
+    target_fraction: float | jax.Array,
+    *,
+    log2_range: tuple[float, float] = SHARPEN_LOG2_RANGE,
+    num_steps: int = SHARPEN_BISECTION_STEPS,
+) -> jax.Array:
+    """The power p whose sharpened rows RowNorm(a**p) have a target mean entropy (automatic Eq. 1).
+
+    p solves  mean_i H(RowNorm(a**p)_i) = log(target_fraction * N):  the geometric mean over
+    tokens of the effective number of neighbours exp(H_i) is the fraction `target_fraction` of the
+    N tokens. A fraction of the tokens, not of log N, because what a row should spread over is
+    roughly its token's region, and a region covers the same fraction of an image at every token
+    grid; a fixed H / log N would mean N^(h-1) of the tokens, a different region size per grid.
+    The mean entropy is non-increasing in p (dH_i/dp = -p Var_{q_i}(log a_i) <= 0), so p is found
+    by bisection on log2 p over `log2_range` in `num_steps` fixed steps (static shapes, jittable,
+    vmappable; `target_fraction` may be traced). A target outside what the bracket reaches gives
+    its nearer end (e.g. a fraction below 1 / N, or above the rows' support, which is what p -> 0
+    gives: each row uniform on its non-zero entries).
+
+    Args:
+      a: non-negative global affinity [N, N] before sharpening (Eq. 1 after negatives).
+      target_fraction: effective neighbours per token as a fraction of N, in (0, 1].
+      log2_range: bisection bracket of log2 p.
+      num_steps: bisection steps.
+
+    Returns:
+      float32 [], the sharpening exponent p.
+    """
+    n = a.shape[-1]
+    target = jnp.log(jnp.asarray(target_fraction, jnp.float32) * n)
+
+    def step(_, bracket):
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        # Entropy above the target: the rows are still too flat, sharpen more (raise p).
+        too_flat = mean_row_entropy(a, jnp.exp2(mid)) > target
+        return jnp.where(too_flat, mid, lo), jnp.where(too_flat, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(
+        0, num_steps, step, (jnp.float32(log2_range[0]), jnp.float32(log2_range[1]))
+    )
+    return jnp.exp2(0.5 * (lo + hi))
+
+
+def sharpened_global_affinity(
+    x: jax.Array, cfg: SparkConfig
+) -> tuple[jax.Array, jax.Array]:
+    """A_global (Eq. 1) of tokens x [N, C] sharpened as `cfg` says, and the exponent used.
+
+    `cfg.sharpen_mode='fixed'` applies `cfg.sharpen`; `'entropy'` calibrates the exponent per
+    input with `entropy_sharpness(target_fraction=cfg.sharpen_target)` and applies it to each
+    row divided by its maximum: the same matrix after RowNorm, without float32 underflow of
+    large powers.
+
+    Returns:
+      (affinity [N, N], exponent float32 []).
+    """
+    if cfg.sharpen_mode == "fixed":
+        a = global_affinity(
+            x, mode=cfg.global_mode, negatives=cfg.negatives, sharpen=cfg.sharpen,
+            precision=cfg.precision(),
+        )
+        return a, jnp.asarray(cfg.sharpen, jnp.float32)
+    a = global_affinity(
+        x, mode=cfg.global_mode, negatives=cfg.negatives, sharpen=1.0, precision=cfg.precision()
+    )
+    p = entropy_sharpness(a, cfg.sharpen_target)
+    row_max = jnp.max(a, axis=-1, keepdims=True)
+    return (a / jnp.where(row_max > 0, row_max, 1.0)) ** p, p
+
+
 def local_affinity(x: jax.Array, *, eps: float | jax.Array) -> jax.Array:
     """Local 8-neighbour cosine graph A_local (Eq. 2-3) of features x [h, w, C] -> [N, N].
 
@@ -108,18 +211,12 @@ def transition_matrix(features: jax.Array, cfg: SparkConfig) -> jax.Array:
     """The fused row-stochastic transition matrix S (Eq. 4) of features [h, w, C] -> [N, N].
 
     S = beta RowNorm(A_global) + (1 - beta) RowNorm(A_local); with `cfg.use_local=False` it is
-    RowNorm(A_global) alone (the paper's "global affinity only" ablation).
+    RowNorm(A_global) alone (the paper's "global affinity only" ablation). A_global is sharpened
+    by `cfg.sharpen` or, with `cfg.sharpen_mode='entropy'`, by a per-image calibrated exponent
+    (`sharpened_global_affinity`).
     """
     h, w, c = features.shape
-    s_global = row_normalize(
-        global_affinity(
-            features.reshape(h * w, c),
-            mode=cfg.global_mode,
-            negatives=cfg.negatives,
-            sharpen=cfg.sharpen,
-            precision=cfg.precision(),
-        )
-    )
+    s_global = row_normalize(sharpened_global_affinity(features.reshape(h * w, c), cfg)[0])
     if not cfg.use_local:
         return s_global
     s_local = row_normalize(local_affinity(features, eps=cfg.local_eps))

@@ -18,6 +18,8 @@ GlobalMode = Literal["cosine", "inner"]
 Negatives = Literal["clip", "minmax"]
 Propagation = Literal["closed_form", "iterative"]
 Precision = Literal["highest", "high", "default"]
+MclNorm = Literal["inf", "max_abs"]
+SharpenMode = Literal["fixed", "entropy"]
 
 _NUMERIC = (
     "beta",
@@ -28,6 +30,7 @@ _NUMERIC = (
     "mcl_tol",
     "gamma",
     "propagation_tol",
+    "sharpen_target",
 )
 _STATIC = (
     "global_mode",
@@ -35,10 +38,12 @@ _STATIC = (
     "use_local",
     "expansion",
     "mcl_max_iter",
+    "mcl_norm",
     "propagation",
     "propagation_max_iter",
     "max_clusters",
     "matmul_precision",
+    "sharpen_mode",
 )
 
 
@@ -56,6 +61,12 @@ class SparkConfig:
         maximum always survives so no row empties. Paper: 1e-7.
       sharpen: elementwise power applied to the global affinity after negatives are handled.
         1.0 is Eq. 1 as written; DiffCut sharpens its affinity with 10 (after a min-max rescale).
+        Used when `sharpen_mode='fixed'`.
+      sharpen_target: with `sharpen_mode='entropy'`, the effective number of neighbours exp(H)
+        of the rows of RowNorm(A_global^p), as a fraction of the N tokens, that the per-image
+        exponent p is chosen to give (geometric mean over rows; `affinity.entropy_sharpness`).
+        In (0, 1]; a fraction of N rather than of log N so that it means the same region size
+        at every token grid.
       local_eps: epsilon added to the neighbour cosines of Eq. 3. Paper: "eps > 0", unspecified.
       mcl_tol: stop when ||P_{t+1} - P_t||_inf < mcl_tol (Eq. 8's epsilon, unspecified). 1e-6 is
         reachable in float32 because the iteration converges quadratically near its fixed point.
@@ -71,6 +82,10 @@ class SparkConfig:
         ablation (Table 2) and forces beta = 1.
       expansion: the matrix power l of Eq. 5 (static). Paper: 2.
       mcl_max_iter: iteration cap of the Markov-flow loop; hitting it reports converged=False.
+      mcl_norm: the norm of Eq. 8's convergence test ||P_{t+1} - P_t|| < mcl_tol (static).
+        'inf' (the default) is the matrix infinity norm, the largest absolute row sum, which is
+        what ||.||_inf of a matrix means; 'max_abs' is the largest entry (this library's reading
+        before; never larger than 'inf', so it stops at the same or an earlier iteration).
       propagation: 'closed_form' solves Eq. 11 with one LU factorisation (default, cheapest
         with many label columns); 'iterative' runs Eq. 10 to its fixed point.
       propagation_max_iter: cap of the iterative propagation.
@@ -80,6 +95,8 @@ class SparkConfig:
         labels by propagation); `SegmentResult.num_clusters` still reports the MCL count.
       matmul_precision: precision of the dense matmuls. 'highest' keeps float32 accuracy on
         TPUs/GPUs, whose default precision is bfloat16-like and perturbs the MCL fixed point.
+      sharpen_mode: 'fixed' (the default) raises A_global to the power `sharpen`; 'entropy'
+        calibrates the power per image to `sharpen_target` (not in the paper).
     """
 
     beta: float = 0.6
@@ -95,17 +112,27 @@ class SparkConfig:
     use_local: bool = True
     expansion: int = 2
     mcl_max_iter: int = 100
+    mcl_norm: MclNorm = "inf"
     propagation: Propagation = "closed_form"
     propagation_max_iter: int = 1000
     max_clusters: int | None = None
     matmul_precision: Precision = "highest"
+    sharpen_target: float = 0.05
+    sharpen_mode: SharpenMode = "fixed"
 
     def __post_init__(self):
         # Only static fields are validated: numeric ones may be tracers inside jit/vmap.
         if self.global_mode not in ("cosine", "inner"):
             raise ValueError(f"global_mode must be 'cosine' or 'inner', got {self.global_mode!r}")
+        if self.sharpen_mode not in ("fixed", "entropy"):
+            raise ValueError(f"sharpen_mode must be 'fixed' or 'entropy', got {self.sharpen_mode!r}")
         if self.negatives not in ("clip", "minmax"):
             raise ValueError(f"negatives must be 'clip' or 'minmax', got {self.negatives!r}")
+        if self.mcl_norm not in ("inf", "max_abs"):
+            raise ValueError(
+                "mcl_norm (the norm of Eq. 8's convergence test) must be 'inf' (largest absolute "
+                f"row sum) or 'max_abs' (largest entry), got {self.mcl_norm!r}"
+            )
         if self.propagation not in ("closed_form", "iterative"):
             raise ValueError(
                 f"propagation must be 'closed_form' or 'iterative', got {self.propagation!r}"
@@ -147,6 +174,11 @@ class SparkConfig:
             problems.append(f"prune_threshold must lie in [0, 1), got {self.prune_threshold}")
         if not self.sharpen > 0:
             problems.append(f"sharpen must be > 0, got {self.sharpen}")
+        if not 0.0 < self.sharpen_target <= 1.0:
+            problems.append(
+                "sharpen_target (effective neighbours as a fraction of the tokens) must lie in "
+                f"(0, 1], got {self.sharpen_target}"
+            )
         if not self.local_eps >= 0:
             problems.append(f"local_eps must be >= 0, got {self.local_eps}")
         if not 0.0 < self.gamma < 1.0:

@@ -79,7 +79,7 @@ def test_config_vmaps_over_a_hyperparameter_grid():
     grid = SparkConfig(inflation=jnp.array([1.5, 2.0, 3.0]))
     axes = SparkConfig(
         inflation=0, beta=None, prune_threshold=None, sharpen=None, local_eps=None,
-        mcl_tol=None, gamma=None, propagation_tol=None,
+        mcl_tol=None, gamma=None, propagation_tol=None, sharpen_target=None,
     )
     out = jax.vmap(lambda c: c.inflation * 2.0, in_axes=(axes,))(grid)
     chex.assert_trees_all_close(out, jnp.array([3.0, 4.0, 6.0]))
