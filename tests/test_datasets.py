@@ -1,13 +1,15 @@
-"""Each reader on a small fixture written in the dataset's real on-disk format."""
+"""Each reader on a small fixture written in the dataset's real on-disk format; its label tables against the
+datasets' official definitions. Bad files and modes: tests/test_bad_inputs_data.py."""
 
 import os
 
+import cityscapesscripts.helpers.labels as cityscapes_labels
 import numpy as np
 import pytest
 from PIL import Image
 
 from spark_jax.datasets import DATASETS, DatasetNotFoundError, get_dataset
-from spark_jax.datasets.cityscapes import CITYSCAPES_ID_NAMES, CITYSCAPES_LABEL_SPACE
+from spark_jax.datasets.cityscapes import CITYSCAPES_ID_NAMES, CITYSCAPES_LABEL_SPACE, CITYSCAPES_RAW_LABELS
 from spark_jax.datasets.coco import COARSE_NAMES, COCO_THING_NAMES, FINE_TO_COARSE
 from spark_jax.datasets.demo import DEMO_LABEL_SPACE, DemoDataset, demo_image
 
@@ -112,7 +114,82 @@ def test_coco_stuff27_fine_to_coarse(tmp_path):
     assert label[2, 0] == IGNORE
     assert COARSE_NAMES[label[3, 0]] == "outdoor"  # street sign (unused by COCO 2017) is still an outdoor thing
     assert COARSE_NAMES[label[4, 0]] == "indoor"  # toothbrush
-    assert len(FINE_TO_COARSE) == 182 and set(FINE_TO_COARSE) == set(range(27))
+
+
+# COCO-Stuff's official label list (labels.txt of the cocostuff repository: ids 1..182 after 0 "unlabeled";
+# the stuffthingmaps store id - 1) ...
+COCO_STUFF_LABELS = (
+    "person|bicycle|car|motorcycle|airplane|bus|train|truck|boat|traffic light|fire hydrant|street sign|stop sign|"
+    "parking meter|bench|bird|cat|dog|horse|sheep|cow|elephant|bear|zebra|giraffe|hat|backpack|umbrella|shoe|"
+    "eye glasses|handbag|tie|suitcase|frisbee|skis|snowboard|sports ball|kite|baseball bat|baseball glove|"
+    "skateboard|surfboard|tennis racket|bottle|plate|wine glass|cup|fork|knife|spoon|bowl|banana|apple|sandwich|"
+    "orange|broccoli|carrot|hot dog|pizza|donut|cake|chair|couch|potted plant|bed|mirror|dining table|window|desk|"
+    "toilet|door|tv|laptop|mouse|remote|keyboard|cell phone|microwave|oven|toaster|sink|refrigerator|blender|book|"
+    "clock|vase|scissors|teddy bear|hair drier|toothbrush|hair brush|banner|blanket|branch|bridge|building-other|"
+    "bush|cabinet|cage|cardboard|carpet|ceiling-other|ceiling-tile|cloth|clothes|clouds|counter|cupboard|curtain|"
+    "desk-stuff|dirt|door-stuff|fence|floor-marble|floor-other|floor-stone|floor-tile|floor-wood|flower|fog|"
+    "food-other|fruit|furniture-other|grass|gravel|ground-other|hill|house|leaves|light|mat|metal|mirror-stuff|"
+    "moss|mountain|mud|napkin|net|paper|pavement|pillow|plant-other|plastic|platform|playingfield|railing|"
+    "railroad|river|road|rock|roof|rug|salad|sand|sea|shelf|sky-other|skyscraper|snow|solid-other|stairs|stone|"
+    "straw|structural-other|table|tent|textile-other|towel|tree|vegetable|wall-brick|wall-concrete|wall-other|"
+    "wall-panel|wall-stone|wall-tile|wall-wood|water-other|waterdrops|window-blind|window-other|wood"
+).split("|")
+# ... and its two-level hierarchy: things under COCO's own super-categories (the "supercategory" field of the
+# COCO instance categories, the 11 ids COCO 2017 dropped included), stuff under COCO-Stuff's (the
+# "supercategory" field of stuff_*.json). Keyed by IIC's coarse names, in IIC's coarse index order
+# (cocostuff_fine_to_coarse.py: "things first, then stuff").
+COCO_STUFF_HIERARCHY = {
+    "electronic-things": "tv laptop mouse remote keyboard|cell phone",
+    "appliance-things": "microwave oven toaster sink refrigerator blender",
+    "food-things": "banana apple sandwich orange broccoli carrot|hot dog|pizza donut cake",
+    "furniture-things": "chair couch|potted plant|bed mirror|dining table|window desk toilet door",
+    "indoor-things": "book clock vase scissors|teddy bear|hair drier|toothbrush|hair brush",
+    "kitchen-things": "bottle plate|wine glass|cup fork knife spoon bowl",
+    "accessory-things": "hat backpack umbrella shoe|eye glasses|handbag tie suitcase",
+    "animal-things": "bird cat dog horse sheep cow elephant bear zebra giraffe",
+    "outdoor-things": "traffic light|fire hydrant|street sign|stop sign|parking meter|bench",
+    "person-things": "person",
+    "sports-things": "frisbee skis snowboard|sports ball|kite|baseball bat|baseball glove|skateboard surfboard|"
+                     "tennis racket",
+    "vehicle-things": "bicycle car motorcycle airplane bus train truck boat",
+    "ceiling-stuff": "ceiling-tile ceiling-other",
+    "floor-stuff": "carpet floor-tile floor-wood floor-marble floor-stone floor-other",
+    "food-stuff": "fruit salad vegetable food-other",
+    "furniture-stuff": "door-stuff desk-stuff table shelf cabinet cupboard mirror-stuff counter light stairs "
+                       "furniture-other",
+    "rawmaterial-stuff": "cardboard paper plastic metal",
+    "textile-stuff": "rug mat towel napkin clothes cloth curtain blanket pillow banner textile-other",
+    "wall-stuff": "wall-tile wall-panel wall-wood wall-brick wall-stone wall-concrete wall-other",
+    "window-stuff": "window-blind window-other",
+    "building-stuff": "house skyscraper bridge tent roof building-other",
+    "ground-stuff": "sand snow dirt mud gravel road pavement railroad platform playingfield ground-other",
+    "plant-stuff": "grass tree bush leaves flower branch moss straw plant-other",
+    "sky-stuff": "clouds sky-other",
+    "solid-stuff": "wood rock stone mountain hill solid-other",
+    "structural-stuff": "fence cage net railing structural-other",
+    "water-stuff": "fog river sea waterdrops water-other",
+}
+
+
+def test_coco_stuff27_whole_table_matches_the_cocostuff_hierarchy():
+    # '|' separates chunks; a chunk is one multi-word label name or several one-word names.
+    multiword = {n for n in COCO_STUFF_LABELS if " " in n}
+    parent = {}
+    for coarse, spec in COCO_STUFF_HIERARCHY.items():
+        for chunk in spec.split("|"):
+            names = [chunk] if chunk in multiword else chunk.split(" ")
+            for name in names:
+                assert name in COCO_STUFF_LABELS, name
+                assert name not in parent, name  # a tree: one parent each
+                parent[name] = coarse
+    assert len(COCO_STUFF_LABELS) == 182 and set(parent) == set(COCO_STUFF_LABELS)
+    # Our coarse names: IIC's without the -things/-stuff suffix, except where a name is both (food, furniture).
+    stems = [c.rsplit("-", 1)[0] for c in COCO_STUFF_HIERARCHY]
+    ours = tuple(c if stems.count(s) > 1 else s for c, s in zip(COCO_STUFF_HIERARCHY, stems))
+    assert COARSE_NAMES == ours
+    coarse_index = {c: k for k, c in enumerate(COCO_STUFF_HIERARCHY)}
+    expected = tuple(coarse_index[parent[name]] for name in COCO_STUFF_LABELS)  # fine id = position (id - 1)
+    assert FINE_TO_COARSE == expected
 
 
 def test_coco_object_things_background_and_void(tmp_path):
@@ -141,7 +218,7 @@ def make_cityscapes(root, frames=(("frankfurt", "000000_000294"), ("lindau", "00
         stem = f"{city}_{frame}"
         write_jpg(os.path.join(root, "leftImg8bit", "val", city, f"{stem}_leftImg8bit.png"), seed=k)
         write_png(os.path.join(root, "gtFine", "val", city, f"{stem}_gtFine_labelIds.png"),
-                  raw_map([0, 6, 7, 26, 33, 34]))
+                  raw_map([0, 6, 7, 26, 33]))
     return [f"{c}/{c}_{f}" for c, f in frames]
 
 
@@ -150,15 +227,25 @@ def test_cityscapes_label_ids_7_to_33(tmp_path):
     ds = get_dataset("cityscapes", str(tmp_path))
     assert ds.ids == ids
     label = ds[0].label
-    assert [int(label[r, 0]) for r in range(6)] == [IGNORE, IGNORE, 0, 19, 26, IGNORE]
+    assert [int(label[r, 0]) for r in range(5)] == [IGNORE, IGNORE, 0, 19, 26]
     names = ds.label_space.class_names
     assert len(names) == 27 and names[0] == "road" and names[19] == "car" and names[26] == "bicycle"
 
 
 def test_cityscapes_table_matches_the_official_package():
-    labels = pytest.importorskip("cityscapesscripts.helpers.labels")
-    assert {label.id: label.name for label in labels.labels} == CITYSCAPES_ID_NAMES
-    assert CITYSCAPES_LABEL_SPACE.class_names == tuple(labels.id2label[i].name for i in range(7, 34))
+    labels = cityscapes_labels.labels
+    assert {label.id: label.name for label in labels} == CITYSCAPES_ID_NAMES
+    # The 27 classes are every label outside the "void" category, in id order.
+    assert CITYSCAPES_LABEL_SPACE.class_names == tuple(lab.name for lab in labels if lab.category != "void"
+                                                       and lab.id >= 0)
+    # The reader's raw space: exactly the ids a labelIds PNG can hold (0..255), void ids ignored.
+    table = CITYSCAPES_RAW_LABELS.table
+    for lab in labels:
+        if lab.id < 0:  # license plate: not drawn into labelIds PNGs
+            continue
+        expected = IGNORE if lab.category == "void" else CITYSCAPES_LABEL_SPACE.class_names.index(lab.name)
+        assert table[lab.id] == expected, lab
+    assert table.size == 1 + max(lab.id for lab in labels)
 
 
 # ------------------------------------------------------------------ ADE20K

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from spark_jax.datasets.base import FileDataset, layout_error, require_dirs
+from spark_jax.datasets.base import FileDataset, layout_error, raw_label_space, require_dirs
 from spark_jax.evaluation import LabelSpace
 
-__all__ = ["ADE20K_LABEL_SPACE", "ADE20K_LAYOUT", "ade20k"]
+__all__ = ["ADE20K_LABEL_SPACE", "ADE20K_RAW_LABELS", "ADE20K_LAYOUT", "ade20k"]
 
 ADE20K_CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
@@ -35,6 +33,9 @@ ADE20K_CLASSES = (
     "flag",
 )
 ADE20K_LABEL_SPACE = LabelSpace("ade20k", ADE20K_CLASSES, diffcut_shift=True)
+
+ADE20K_RAW_LABELS = raw_label_space({0: 255, **{k: k - 1 for k in range(1, 151)}},
+                                    "0..150: 0 'other objects' (ignored), 1..150 classes")
 
 ADE20K_LAYOUT = """\
     <data_dir>/ADEChallengeData2016/         (or <data_dir> pointing at it)
@@ -58,7 +59,5 @@ def ade20k(data_dir: str, split: str = "validation") -> FileDataset:
         raise layout_error("ade20k", root, f"images/{split} holds no .jpg file.", ADE20K_LAYOUT, ADE20K_SOURCE)
     items = [(s, os.path.join(root, "images", split, f"{s}.jpg"),
               os.path.join(root, "annotations", split, f"{s}.png")) for s in stems]
-    lut = np.full(256, 255, np.int32)
-    lut[1:151] = np.arange(150)
-    return FileDataset("ade20k", ADE20K_LABEL_SPACE, items, lambda raw: lut[np.clip(raw, 0, 255)],
-                       root=root, layout=ADE20K_LAYOUT, source=ADE20K_SOURCE)
+    return FileDataset("ade20k", ADE20K_LABEL_SPACE, items, ADE20K_RAW_LABELS, root=root, layout=ADE20K_LAYOUT,
+                       source=ADE20K_SOURCE)

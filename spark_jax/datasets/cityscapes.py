@@ -3,23 +3,21 @@
 The unsupervised-segmentation convention (PiCIE, STEGO, DiffCut): ``gtFine`` labelIds 7..33 become classes
 0..26 — every "flat", "construction", "object", "nature", "sky", "human" and "vehicle" label, including those
 the official 19-class benchmark ignores (parking, rail track, guard rail, bridge, tunnel, polegroup, caravan,
-trailer); ids 0..6 (unlabeled, ego vehicle, rectification border, out of roi, static, dynamic, ground) and
-anything else are ignored. Both protocols agree here.
+trailer); ids 0..6 (unlabeled, ego vehicle, rectification border, out of roi, static, dynamic, ground) are
+ignored, and any other value is refused. Both protocols agree here.
 
 The id table is transcribed from ``cityscapesscripts/helpers/labels.py`` (cityscapesScripts 2.3.0, the
-official label definition); ``tests/test_datasets.py`` compares it with the package when it is installed.
+official label definition); ``tests/test_datasets.py`` compares it with the package (a test dependency).
 """
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from spark_jax.datasets.base import FileDataset, layout_error, require_dirs
+from spark_jax.datasets.base import FileDataset, layout_error, raw_label_space, require_dirs
 from spark_jax.evaluation import LabelSpace
 
-__all__ = ["CITYSCAPES_ID_NAMES", "CITYSCAPES_LABEL_SPACE", "CITYSCAPES_LAYOUT", "cityscapes"]
+__all__ = ["CITYSCAPES_ID_NAMES", "CITYSCAPES_LABEL_SPACE", "CITYSCAPES_RAW_LABELS", "CITYSCAPES_LAYOUT", "cityscapes"]
 
 # labelId -> name, from cityscapesscripts.helpers.labels (id -1, "license plate", never occurs in labelIds PNGs).
 CITYSCAPES_ID_NAMES = {
@@ -33,6 +31,13 @@ CITYSCAPES_ID_NAMES = {
 FIRST_ID, LAST_ID = 7, 33
 CITYSCAPES_LABEL_SPACE = LabelSpace(
     "cityscapes", tuple(CITYSCAPES_ID_NAMES[i] for i in range(FIRST_ID, LAST_ID + 1)), background=None
+)
+
+# gtFine labelIds PNGs hold the official ids 0..33 (license plate, -1, is not drawn into them): 0..6 are void,
+# 7..33 the classes; any other value is refused.
+CITYSCAPES_RAW_LABELS = raw_label_space(
+    {i: (i - FIRST_ID if i >= FIRST_ID else 255) for i in range(LAST_ID + 1)},
+    "labelIds 0..33: 0..6 ignored, 7..33 classes",
 )
 
 CITYSCAPES_LAYOUT = """\
@@ -66,7 +71,5 @@ def cityscapes(data_dir: str, split: str = "val") -> FileDataset:
     if not items:
         raise layout_error("cityscapes", root, f"no *_leftImg8bit.png under leftImg8bit/{split}/<city>/.",
                            CITYSCAPES_LAYOUT, CITYSCAPES_SOURCE)
-    lut = np.full(256, 255, np.int32)
-    lut[FIRST_ID : LAST_ID + 1] = np.arange(LAST_ID - FIRST_ID + 1)
-    return FileDataset("cityscapes", CITYSCAPES_LABEL_SPACE, items, lambda raw: lut[np.clip(raw, 0, 255)],
-                       root=root, layout=CITYSCAPES_LAYOUT, source=CITYSCAPES_SOURCE)
+    return FileDataset("cityscapes", CITYSCAPES_LABEL_SPACE, items, CITYSCAPES_RAW_LABELS, root=root,
+                       layout=CITYSCAPES_LAYOUT, source=CITYSCAPES_SOURCE)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from spark_jax.datasets.base import FileDataset, layout_error, read_id_list, require_dirs
+from spark_jax.datasets.base import FileDataset, layout_error, raw_label_space, read_id_list, require_dirs
 from spark_jax.evaluation import LabelSpace
 
 __all__ = [
@@ -30,6 +28,8 @@ __all__ = [
     "COCO_THING_NAMES",
     "COCO_OBJECT_LABEL_SPACE",
     "COCO_STUFF27_LABEL_SPACE",
+    "COCO_OBJECT_RAW_LABELS",
+    "COCO_STUFF27_RAW_LABELS",
     "COCO_LAYOUT",
     "coco_object",
     "coco_stuff27",
@@ -69,6 +69,18 @@ COCO_THING_NAMES = (
 COCO_OBJECT_LABEL_SPACE = LabelSpace("coco_object", ("background",) + COCO_THING_NAMES, background=0)
 COCO_STUFF27_LABEL_SPACE = LabelSpace("coco_stuff27", COARSE_NAMES, background=None)
 
+# Both read the stuffthingmaps' 182 fine ids and 255 (unlabeled); any other value is refused. The 11 thing ids
+# COCO 2017 dropped (street sign, hat, shoe, ...) are part of COCO-Stuff's label list and of IIC's coarse map,
+# so they are inside the space: COCO-Stuff-27 scores them under their super-category; COCO-Object, which has
+# no class for them, ignores them (void, not background: they are things).
+_FINE_SPACE = "fine ids 0..181 and 255 (unlabeled)"
+COCO_STUFF27_RAW_LABELS = raw_label_space({**dict(enumerate(FINE_TO_COARSE)), 255: 255}, _FINE_SPACE)
+COCO_OBJECT_RAW_LABELS = raw_label_space(
+    {**{i: 255 for i in _UNUSED_THINGS}, **{t: k + 1 for k, t in enumerate(COCO_THING_IDS)},
+     **{s: 0 for s in range(91, 182)}, 255: 255},
+    _FINE_SPACE,
+)
+
 CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
 COCO_LAYOUT = f"""\
     <data_dir>/                              (the COCO-Stuff folder, as in IIC / STEGO / DiffCut)
@@ -105,17 +117,12 @@ def _coco_items(name: str, data_dir: str, split: str) -> tuple[str, list[tuple[s
 def coco_stuff27(data_dir: str, split: str = "val") -> FileDataset:
     """COCO-Stuff-27 on the curated list (fine 182 -> coarse 27)."""
     root, items = _coco_items("coco_stuff27", data_dir, split)
-    lut = np.full(256, 255, np.int32)
-    lut[:182] = FINE_TO_COARSE
-    return FileDataset("coco_stuff27", COCO_STUFF27_LABEL_SPACE, items, lambda raw: lut[np.clip(raw, 0, 255)],
-                       root=root, layout=COCO_LAYOUT, source=COCO_SOURCE)
+    return FileDataset("coco_stuff27", COCO_STUFF27_LABEL_SPACE, items, COCO_STUFF27_RAW_LABELS, root=root,
+                       layout=COCO_LAYOUT, source=COCO_SOURCE)
 
 
 def coco_object(data_dir: str, split: str = "val") -> FileDataset:
     """COCO-Object on the curated list (80 things + background)."""
     root, items = _coco_items("coco_object", data_dir, split)
-    lut = np.full(256, 255, np.int32)
-    lut[91:182] = 0  # stuff is background
-    lut[list(COCO_THING_IDS)] = np.arange(1, 81)
-    return FileDataset("coco_object", COCO_OBJECT_LABEL_SPACE, items, lambda raw: lut[np.clip(raw, 0, 255)],
-                       root=root, layout=COCO_LAYOUT, source=COCO_SOURCE)
+    return FileDataset("coco_object", COCO_OBJECT_LABEL_SPACE, items, COCO_OBJECT_RAW_LABELS, root=root,
+                       layout=COCO_LAYOUT, source=COCO_SOURCE)

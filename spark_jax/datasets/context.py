@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from spark_jax.datasets.base import FileDataset, layout_error, read_id_list, require_dirs
+from spark_jax.datasets.base import FileDataset, layout_error, raw_label_space, read_id_list, require_dirs
 from spark_jax.datasets.voc import find_voc_root
 from spark_jax.evaluation import LabelSpace
 
-__all__ = ["CONTEXT_LABEL_SPACE", "CONTEXT_LAYOUT", "context"]
+__all__ = ["CONTEXT_LABEL_SPACE", "CONTEXT_RAW_LABELS", "CONTEXT_LAYOUT", "context"]
 
 CONTEXT_CLASSES = (
     "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
@@ -27,6 +25,9 @@ CONTEXT_CLASSES = (
     "water", "window", "wood",
 )
 CONTEXT_LABEL_SPACE = LabelSpace("context", ("background",) + CONTEXT_CLASSES, background=0)
+
+# mmsegmentation's converter writes 0..59 only (it asserts every raw Pascal-Context id is in its 59-class map).
+CONTEXT_RAW_LABELS = raw_label_space({i: i for i in range(60)}, "0..59: 0 background, 1..59 classes; no void")
 
 CONTEXT_LAYOUT = """\
     <data_dir>/VOCdevkit/VOC2010/            (or <data_dir> pointing at VOC2010/ itself)
@@ -52,7 +53,5 @@ def context(data_dir: str, split: str = "val") -> FileDataset:
         raise layout_error("context", root, f"{split}.txt is empty.", CONTEXT_LAYOUT, CONTEXT_SOURCE)
     items = [(i, os.path.join(root, "JPEGImages", f"{i}.jpg"),
               os.path.join(root, "SegmentationClassContext", f"{i}.png")) for i in ids]
-    lut = np.full(256, 255, np.int32)
-    lut[:60] = np.arange(60)
-    return FileDataset("context", CONTEXT_LABEL_SPACE, items, lambda raw: lut[np.clip(raw, 0, 255)],
-                       root=root, layout=CONTEXT_LAYOUT, source=CONTEXT_SOURCE)
+    return FileDataset("context", CONTEXT_LABEL_SPACE, items, CONTEXT_RAW_LABELS, root=root, layout=CONTEXT_LAYOUT,
+                       source=CONTEXT_SOURCE)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spark_jax.datasets.base import Dataset, Sample
+from spark_jax.datasets.base import Dataset, Sample, map_raw_labels, raw_label_space
 from spark_jax.evaluation import LabelSpace
 
 __all__ = ["DEMO_LABEL_SPACE", "demo_image", "DemoDataset", "PHOTO_NAMES"]
@@ -30,6 +30,8 @@ __all__ = ["DEMO_LABEL_SPACE", "demo_image", "DemoDataset", "PHOTO_NAMES"]
 DEMO_LABEL_SPACE = LabelSpace(
     "demo", ("background", "stripes", "checker", "dots", "speckle", "wire"), background=None
 )
+# The generator paints class ids 0..5 and no void; the reader checks every map against that like any reader.
+DEMO_RAW_LABELS = raw_label_space({i: i for i in range(DEMO_LABEL_SPACE.num_classes)}, "0..5, no void")
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
 _SEED = 20260
 # Base colours per class (RGB in [0, 1]); per-image jitter stays well inside each family.
@@ -166,7 +168,10 @@ class DemoDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         if index < self.num_images:
-            return demo_image(index, self.height, self.width)
+            s = demo_image(index, self.height, self.width)
+            where = f"<generated demo image {index}>"
+            return s._replace(label=map_raw_labels(s.label, DEMO_RAW_LABELS, dataset="demo", image_id=s.image_id,
+                                                   path=where))
         import skimage.data
 
         name = self.photos[index - self.num_images]

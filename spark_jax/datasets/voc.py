@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from spark_jax.datasets.base import FileDataset, layout_error, read_id_list, require_dirs
+from spark_jax.datasets.base import FileDataset, layout_error, raw_label_space, read_id_list, require_dirs
 from spark_jax.evaluation import LabelSpace
 
-__all__ = ["VOC_LABEL_SPACE", "VOC_LAYOUT", "voc"]
+__all__ = ["VOC_LABEL_SPACE", "VOC_RAW_LABELS", "VOC_LAYOUT", "voc"]
 
 VOC_LABEL_SPACE = LabelSpace(
     "voc",
@@ -24,6 +22,9 @@ VOC_LABEL_SPACE = LabelSpace(
     ),
     background=0,
 )
+
+# Palette indices are the class ids; any other index is refused (not mapped to void).
+VOC_RAW_LABELS = raw_label_space({**{i: i for i in range(21)}, 255: 255}, "0..20 and 255 (void)")
 
 VOC_LAYOUT = """\
     <data_dir>/VOCdevkit/VOC2012/            (or <data_dir> pointing at VOC2012/ itself)
@@ -54,8 +55,4 @@ def voc(data_dir: str, split: str = "val") -> FileDataset:
         raise layout_error("voc", root, f"ImageSets/Segmentation/{split}.txt is empty.", VOC_LAYOUT, VOC_SOURCE)
     items = [(i, os.path.join(root, "JPEGImages", f"{i}.jpg"), os.path.join(root, "SegmentationClass", f"{i}.png"))
              for i in ids]
-    # Palette indices are already class ids (0..20, void 255); anything else is treated as void.
-    lut = np.full(256, 255, np.int32)
-    lut[:21] = np.arange(21)
-    return FileDataset("voc", VOC_LABEL_SPACE, items, lambda raw: lut[np.clip(raw, 0, 255)],
-                       root=root, layout=VOC_LAYOUT, source=VOC_SOURCE)
+    return FileDataset("voc", VOC_LABEL_SPACE, items, VOC_RAW_LABELS, root=root, layout=VOC_LAYOUT, source=VOC_SOURCE)
