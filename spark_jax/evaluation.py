@@ -230,13 +230,22 @@ def merge_background(
 
 
 class ImageCounts(NamedTuple):
-    """Scores of one image (rows in the protocol's order)."""
+    """Scores of one image (rows in the protocol's order).
+
+    ``pixels == 0`` (``scored`` False) means the label map had no valid pixel after the crop and resize (all
+    void): the image says nothing about any class, so :class:`Evaluator` does not count it.
+    """
 
     tp: np.ndarray  # [K] int64
     fp: np.ndarray  # [K] int64
     fn: np.ndarray  # [K] int64
     pixels: int  # valid pixels scored
     pred: np.ndarray  # [h, w] the prediction actually scored (after merge and refinement)
+
+    @property
+    def scored(self) -> bool:
+        """Whether the image had a valid pixel, i.e. counts towards the dataset's scores."""
+        return self.pixels > 0
 
 
 def score_image(
@@ -298,6 +307,9 @@ def iou_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarra
 class Evaluator:
     """Accumulates TP/FP/FN over a dataset, once per image id, and serialises for resume.
 
+    Only images with at least one valid pixel are counted (``num_images``); :meth:`update` returns the counts of
+    an image without one with ``pixels == 0`` and leaves the evaluator unchanged, so the caller reports it.
+
     Example::
 
         ev = Evaluator(space, protocol="standard")
@@ -337,22 +349,43 @@ class Evaluator:
     ) -> ImageCounts:
         """Scores one image and adds it (see :func:`score_image`).
 
+        Returns:
+            The image's :class:`ImageCounts`. When ``counts.pixels == 0`` (no valid pixel: every label pixel is
+            void after the crop and resize) the image is *not* counted: ``num_images``, the sums and
+            ``image_ids`` stay as they were, and the caller should report it as unscored.
+
         Raises:
             ValueError: if ``image_id`` was already counted (an image must count exactly once).
         """
         if image_id in self._per_image:
             raise ValueError(f"image {image_id!r} is already counted; each image must be scored once")
         counts = score_image(pred, label, self.space, protocol=self.protocol, refine=refine)
-        self.add_counts(image_id, counts.tp, counts.fp, counts.fn, counts.pixels)
+        if counts.scored:
+            self.add_counts(image_id, counts.tp, counts.fp, counts.fn, counts.pixels)
         return counts
 
     def add_counts(self, image_id: str, tp, fp, fn, pixels: int) -> None:
-        """Adds precomputed counts of one image (used when restoring)."""
+        """Adds precomputed counts of one image (used when restoring).
+
+        Raises:
+            ValueError: the id is already counted, the counts have the wrong length, are negative, cover no
+                valid pixel (such an image is not scored), or do not add up (``sum(tp + fn)`` must be
+                ``pixels``: every valid pixel belongs to one class row).
+        """
         if image_id in self._per_image:
             raise ValueError(f"image {image_id!r} is already counted; each image must be scored once")
         tp, fp, fn = (np.asarray(a, np.int64) for a in (tp, fp, fn))
         if not tp.shape == fp.shape == fn.shape == self.tp.shape:
             raise ValueError(f"counts of {image_id!r} have the wrong number of classes")
+        if min(tp.min(), fp.min(), fn.min()) < 0:
+            raise ValueError(f"counts of {image_id!r} are negative")
+        if int(pixels) <= 0:
+            raise ValueError(f"image {image_id!r} has no valid pixel ({pixels}); such an image is not scored")
+        if int(tp.sum() + fn.sum()) != int(pixels):
+            raise ValueError(
+                f"counts of {image_id!r} do not add up: sum(tp + fn) = {int(tp.sum() + fn.sum())} but pixels = "
+                f"{int(pixels)}; the saved counts are damaged"
+            )
         self._per_image[image_id] = (tp.tolist(), fp.tolist(), fn.tolist(), int(pixels))
         self.tp += tp
         self.fp += fp

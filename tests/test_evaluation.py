@@ -224,15 +224,35 @@ def test_diffcut_protocol_is_count_for_count_with_the_reference(seed):
     np.testing.assert_array_equal(ev.fn, fn)
 
 
-def test_confusion_and_matching_shapes():
+def test_confusion_and_matching_by_hand():
     label = np.array([[0, 1], [1, 5]])  # 5 is out of range: ignored
     pred = np.array([[4, 4], [0, 0]])
     h = confusion(label, pred, 3)
-    assert h.shape == (3, 5)
-    assert h.sum() == 3
+    np.testing.assert_array_equal(h, [[0, 0, 0, 0, 1], [1, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
     tp, fp, fn, col = match_counts(h)
-    assert tp.sum() + fn.sum() == 3
+    # class 0 -> cluster 4 and class 1 -> cluster 0 (2 matched pixels; the swap matches 1); class 2 gets an
+    # empty cluster.
+    assert col[0] == 4 and col[1] == 0 and col[2] in (1, 2, 3)
+    np.testing.assert_array_equal(tp, [1, 1, 0])
+    np.testing.assert_array_equal(fp, [1, 0, 0])  # cluster 4 also covers a pixel of class 1
+    np.testing.assert_array_equal(fn, [0, 1, 0])
     np.testing.assert_allclose(iou_from_counts([1, 0], [1, 0], [0, 0]), [0.5, np.nan])
+
+
+@pytest.mark.parametrize(
+    "tp, fp, fn, pixels, match",
+    [
+        ([0, 0, 0], [0, 0, 0], [0, 0, 0], 0, "no valid pixel"),
+        ([4, 4, 0], [0, 0, 0], [0, 0, 0], 9, "do not add up"),
+        ([4, 4], [0, 0], [0, 0], 8, "wrong number of classes"),
+        ([4, 4, 0], [0, -1, 0], [0, 0, 0], 8, "negative"),
+    ],
+)
+def test_add_counts_refuses_counts_that_cannot_come_from_an_image(tp, fp, fn, pixels, match):
+    ev = Evaluator(PLAIN, "standard")
+    with pytest.raises(ValueError, match=match):
+        ev.add_counts("x", tp, fp, fn, pixels)
+    assert len(ev) == 0 and ev.pixels == 0
 
 
 def test_update_refuses_the_same_image_twice_and_state_round_trips():
