@@ -37,9 +37,10 @@ from spark_jax.runner import (
     BackboneNotFoundError,
     ResolvedBackbone,
     RunConfig,
-    find_cached_checkpoint,
+    backbone_kind,
     load_results,
     resolve_backbone,
+    resolve_spark,
     run,
 )
 
@@ -102,12 +103,7 @@ def run_dir(output_dir: str, dataset: str, method: str, pamr: bool) -> str:
 
 def _backbone(cfg: RunConfig, loaded: dict[str, ResolvedBackbone]) -> ResolvedBackbone:
     """The backbone ``cfg`` selects, loaded once per kind for the whole comparison."""
-    kind = cfg.backbone
-    if kind == "auto":
-        has_checkpoint = cfg.checkpoint is not None or find_cached_checkpoint() is not None
-        kind = "ssd1b" if has_checkpoint else ("handcrafted" if cfg.dataset == "demo" else "none")
-    if kind == "none":
-        return resolve_backbone(cfg)  # raises BackboneNotFoundError with the download instructions
+    kind, _ = backbone_kind(cfg)  # raises BackboneNotFoundError with the download instructions
     if kind not in loaded:
         loaded[kind] = resolve_backbone(dataclasses.replace(cfg, backbone=kind))
     return loaded[kind]
@@ -152,6 +148,7 @@ def compare(
         try:
             ds = _dataset(cfg)
             backbone = _backbone(cfg, loaded)
+            cfg = resolve_spark(cfg, backbone.kind)  # the backbone's SPARK preset, unless settings are given
         except (DatasetNotFoundError, BackboneNotFoundError) as err:
             note = f"skipped {name}: {_first_line(err)}"
             notes.append(note)

@@ -2,17 +2,17 @@ r"""Benchmark runner: ``python -m experiments.run --dataset=NAME [flags]``.
 
 With no flags it runs the embedded demo benchmark (procedural images with exact ground truth, nothing to
 download) with the weights-free handcrafted backbone — a smoke test of the whole pipeline, not the paper's
-numbers. Expected on a 2-core CPU: mIoU 24.6 with the paper's SPARK defaults (they over-segment these
-low-level features) and 59.5 with ``--sharpen=5 --beta=0.8 --inflation=1.5 --demo_photos=false``, about a minute
-either way. For Table 1, give a dataset and a checkpoint, e.g.::
+numbers — and SPARK's calibrated preset for that backbone (``--spark_preset=paper`` for the paper's values).
+What it scores, and its variants, are in docs/evaluation.md's demo table (``python -m experiments.demo_table``
+regenerates it); about a minute on a 2-core CPU. For Table 1, give a dataset and a checkpoint, e.g.::
 
     python -m experiments.run --dataset=voc --data_dir=/data/VOCdevkit --checkpoint=/models/SSD-1B \
         --output_dir=runs/voc-spark
 
 ``--method=spark|diffcut|autosc|kmeans`` selects SPARK or one of its baselines, all on the same features,
 upsampling, PAMR and scoring. Every SparkConfig hyperparameter is a flag of the same name (``--beta``,
-``--inflation``, ...; paper defaults); the baselines' are prefixed (``--ncut_tau``, ``--ncut_alpha``,
-``--autosc_alphas``, ``--kmeans_k=gt|K``, ...; see experiments/run_flags.py).
+``--inflation``, ...; given explicitly, they override the preset's values); the baselines' are prefixed
+(``--ncut_tau``, ``--ncut_alpha``, ``--autosc_alphas``, ``--kmeans_k=gt|K``, ...; see experiments/run_flags.py).
 Runs resume: rerunning the same command continues where it stopped. ``--feature_cache=DIR`` keeps the
 backbone's features so that sweeps over SPARK's hyperparameters skip the backbone.
 """
@@ -24,9 +24,8 @@ import sys
 from absl import app, flags
 
 from experiments import run_flags
-from spark_jax.config import SparkConfig
 from spark_jax.datasets import DATASETS, DatasetNotFoundError
-from spark_jax.runner import METHODS, BackboneNotFoundError, RunConfig, run
+from spark_jax.runner import METHODS, BackboneNotFoundError, OutputPathError, RunConfig, run
 
 FLAGS = flags.FLAGS
 
@@ -46,33 +45,52 @@ def config_from_flags() -> RunConfig:
                                            pamr=FLAGS.pamr, upsampling=FLAGS.upsampling)
 
 
+def summary_lines(metrics: dict) -> list[str]:
+    """What the run printed last: the score, what it was computed on, what was left out, where to look."""
+    lines = [f"{metrics['dataset']} / {metrics['method']} / protocol {metrics['protocol']}: "
+             f"mIoU {100 * metrics['miou']:.1f} over {metrics['num_images_scored']} scored images "
+             f"(pixel accuracy {100 * metrics['pixel_accuracy']:.1f})"]
+    segments = metrics["diagnostics_mean"].get("num_segments")
+    if segments is not None:
+        lines.append(f"segments per image: {segments:.1f} (mean)")
+    clustering = metrics["clustering_seconds_per_image"]
+    if clustering["num_images"]:
+        lines.append(f"clustering time per image: mean {1e3 * clustering['mean']:.1f} ms, median "
+                     f"{1e3 * clustering['median']:.1f} ms (method call on device, batch size "
+                     f"{clustering['batch_size']})")
+    if metrics.get("spark_preset"):
+        preset = metrics["spark_preset"]
+        lines.append(f"SPARK settings: preset {preset['name']} ({preset['how_chosen']})")
+    lines.append(f"backbone: {metrics['config']['backbone']}")
+    unscored = [u for u in metrics.get("unscored", []) if u["reason"] != "no label map"]
+    for u in unscored:
+        lines.append(f"not scored: {u['id']}: {u['reason']}")
+    for s in metrics.get("skipped", []):
+        lines.append(f"skipped (--on_bad_sample=skip): {s['id']}: {s['path']}: {s['reason']}")
+    bad = metrics.get("nonfinite_features", {})
+    if bad.get("num_images"):
+        lines.append(f"warning: {bad['num_tokens']} non-finite feature tokens in {bad['num_images']} images were "
+                     "treated as zero vectors (--allow_nonfinite_features)")
+    for note in metrics.get("notes", []):
+        lines.append(f"note: {note}")
+    if metrics["config"]["backbone"].startswith("handcrafted"):
+        lines.append("note: these are demo features (the weights-free handcrafted backbone), not the paper's SSD-1B "
+                     "features: the scores say the pipeline works, not how SPARK does on the benchmarks.")
+    lines.append(f"metrics: {metrics['output_dir']}/metrics.json")
+    lines.append(f"overlays: {metrics['overlays']}")
+    return lines
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         cfg = config_from_flags()
         metrics = run(cfg)
-    except (DatasetNotFoundError, BackboneNotFoundError, ValueError) as err:
+    except (DatasetNotFoundError, BackboneNotFoundError, OutputPathError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    backbone = metrics["config"]["backbone"]
-    print(f"{metrics['dataset']} / {metrics['method']} / protocol {metrics['protocol']}: "
-          f"mIoU {100 * metrics['miou']:.1f} over {metrics['num_images_scored']} scored images "
-          f"(pixel accuracy {100 * metrics['pixel_accuracy']:.1f})")
-    clustering = metrics["clustering_seconds_per_image"]
-    if clustering["num_images"]:
-        print(f"clustering time per image: mean {1e3 * clustering['mean']:.1f} ms, median "
-              f"{1e3 * clustering['median']:.1f} ms (method call on device, batch size {clustering['batch_size']})")
-    print(f"backbone: {backbone}")
-    if backbone.startswith("handcrafted"):
-        print("note: the handcrafted backbone is the demo/CI backbone, not the paper's SSD-1B features.")
-        if cfg.dataset == "demo" and cfg.method == "spark" and cfg.spark == SparkConfig():
-            print("note: the paper's SPARK defaults were tuned on SSD-1B features and over-segment these "
-                  "low-level features; try --sharpen=5 --beta=0.8 --inflation=1.5 on the demo.")
-    for note in metrics.get("notes", []):
-        print(f"note: {note}")
-    print(f"metrics: {metrics['output_dir']}/metrics.json")
-    print(f"overlays: {metrics['overlays']}")
+    print("\n".join(summary_lines(metrics)))
     return 0
 
 

@@ -26,7 +26,8 @@ from spark_jax.evaluation import PROTOCOLS
 from spark_jax.kmeans import KMeansConfig
 from spark_jax.ncut import NCutConfig
 from spark_jax.pamr import PamrConfig
-from spark_jax.runner import BACKBONES, RunConfig
+from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
+from spark_jax.runner import BACKBONES, ON_BAD_SAMPLE, BackboneNotFoundError, RunConfig, backbone_kind
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +52,19 @@ flags.DEFINE_integer("resolution", None, "Backbone input side (default 1024 for 
 flags.DEFINE_integer("mask_size", 128, "Side of the predicted and scored label maps.")
 flags.DEFINE_integer("batch_size", 4, "Images per backbone/method call.")
 flags.DEFINE_integer("limit", None, "Evaluate only the first N images (of each dataset).")
-flags.DEFINE_enum("protocol", "standard", list(PROTOCOLS), "Scoring protocol (docs/evaluation.md).")
+flags.DEFINE_enum("protocol", RunConfig().protocol, list(PROTOCOLS),
+                  "Scoring protocol (docs/evaluation.md): diffcut = DiffCut's released evaluation, which SPARK's and "
+                  "DiffCut's tables are comparable to; standard = the datasets' own definitions (the correction).")
+flags.DEFINE_enum("spark_preset", "auto", ["auto", *SPARK_PRESETS],
+                  "SPARK's settings: auto = the backbone's own preset (the paper's for SSD-1B; a calibrated one for "
+                  "the handcrafted demo backbone); paper = the paper's. A SPARK flag given explicitly overrides "
+                  "the preset's value.")
+flags.DEFINE_enum("on_bad_sample", RunConfig().on_bad_sample, list(ON_BAD_SAMPLE),
+                  "An unreadable image or label (checked before the run): fail = stop naming every bad file; "
+                  "skip = leave them out, listed in metrics.json.")
+flags.DEFINE_bool("allow_nonfinite_features", False,
+                  "Score images whose backbone features hold NaN/Inf (those tokens act as zero vectors, counted in "
+                  "metrics.json) instead of stopping.")
 flags.DEFINE_integer("pamr_iters", PamrConfig().num_iter, "PAMR iterations.")
 flags.DEFINE_list("pamr_dilations", [str(d) for d in PamrConfig().dilations], "PAMR dilations.")
 flags.DEFINE_string("feature_cache", None, "Folder caching backbone features across runs.")
@@ -93,10 +106,13 @@ def _define_config_flags(cls: type, prefix: str, where: str) -> None:
             raise TypeError(f"no flag type for {cls.__name__}.{field.name}: {hint}")
 
 
-def _config_from_flags(cls: type, prefix: str) -> Any:
+def _config_from_flags(cls: type, prefix: str, base: Any = None) -> Any:
+    """``cls`` from its flags; with ``base``, only the flags given on the command line replace its values."""
     hints = typing.get_type_hints(cls)
     values = {}
     for field in dataclasses.fields(cls):
+        if base is not None and not FLAGS[prefix + field.name].present:
+            continue
         value = FLAGS[prefix + field.name].value
         hint = hints[field.name]
         args = typing.get_args(hint)
@@ -114,7 +130,7 @@ def _config_from_flags(cls: type, prefix: str) -> Any:
                 raise ValueError(f"--{prefix}{field.name}: expected comma-separated {item.__name__} values, "
                                  f"got {','.join(value)!r}") from None
         values[field.name] = value
-    return cls(**values)
+    return cls(**values) if base is None else dataclasses.replace(base, **values)
 
 
 for _cls, (_prefix, _, _where) in CONFIG_FLAGS.items():
@@ -131,14 +147,43 @@ def kmeans_k_from_flag(value: str) -> int | str:
         raise ValueError(f"--kmeans_k must be an int >= 1 or 'gt', got {value!r}") from None
 
 
+def spark_from_flags(dataset: str) -> SparkConfig | None:
+    """SPARK's settings: None (the preset, resolved by the runner) unless a SPARK flag is given; then the preset
+    (``--spark_preset``, or the backbone's own) with the given flags replacing its values."""
+    given = [f.name for f in dataclasses.fields(SparkConfig) if FLAGS[f.name].present]
+    if not given:
+        return None
+    name = FLAGS.spark_preset
+    if name == "auto":
+        probe = RunConfig(dataset=dataset, backbone=FLAGS.backbone, checkpoint=FLAGS.checkpoint)
+        try:
+            name = preset_for_backbone(backbone_kind(probe)[0])
+        except BackboneNotFoundError:
+            name = "paper"  # the run itself reports the missing checkpoint
+    if name not in SPARK_PRESETS:
+        raise ValueError(f"--spark_preset must be 'auto' or one of {sorted(SPARK_PRESETS)}, got {name!r}")
+    return _config_from_flags(SparkConfig, "", base=SPARK_PRESETS[name].config)
+
+
 def run_config_from_flags(**fields: Any) -> RunConfig:
     """The RunConfig of the shared flags; ``fields`` gives the rest (dataset, method, pamr, output_dir, ...)."""
-    configs = {field: _config_from_flags(cls, prefix) for cls, (prefix, field, _) in CONFIG_FLAGS.items()}
-    pamr = PamrConfig(num_iter=FLAGS.pamr_iters, dilations=tuple(int(d) for d in FLAGS.pamr_dilations))
+    configs = {field: _config_from_flags(cls, prefix) for cls, (prefix, field, _) in CONFIG_FLAGS.items()
+               if cls is not SparkConfig}
+    configs["spark"] = spark_from_flags(fields.get("dataset", "demo"))
+    try:
+        dilations = tuple(int(d) for d in FLAGS.pamr_dilations)
+    except ValueError:
+        raise ValueError(f"--pamr_dilations: expected comma-separated ints, got {','.join(FLAGS.pamr_dilations)!r}")\
+            from None
+    if not dilations or min(dilations) < 1 or FLAGS.pamr_iters < 0:
+        raise ValueError(f"--pamr_dilations must be ints >= 1 and --pamr_iters >= 0, got "
+                         f"{','.join(FLAGS.pamr_dilations)!r} and {FLAGS.pamr_iters}")
+    pamr = PamrConfig(num_iter=FLAGS.pamr_iters, dilations=dilations)
     return RunConfig(
         data_dir=FLAGS.data_dir, backbone=FLAGS.backbone, checkpoint=FLAGS.checkpoint, resolution=FLAGS.resolution,
         mask_size=FLAGS.mask_size, batch_size=FLAGS.batch_size, limit=FLAGS.limit, protocol=FLAGS.protocol,
-        feature_cache=FLAGS.feature_cache, num_overlays=FLAGS.num_overlays, demo_images=FLAGS.demo_images,
-        demo_photos=FLAGS.demo_photos, pamr_config=pamr, kmeans_k=kmeans_k_from_flag(FLAGS.kmeans_k),
+        feature_cache=FLAGS.feature_cache, num_overlays=FLAGS.num_overlays, on_bad_sample=FLAGS.on_bad_sample,
+        allow_nonfinite_features=FLAGS.allow_nonfinite_features, spark_preset=FLAGS.spark_preset,
+        demo_images=FLAGS.demo_images, demo_photos=FLAGS.demo_photos, pamr_config=pamr, kmeans_k=kmeans_k_from_flag(FLAGS.kmeans_k),
         kmeans_unlabelled_k=FLAGS.kmeans_unlabelled_k, kmeans_seed=FLAGS.kmeans_seed, **configs, **fields,
     )

@@ -29,31 +29,37 @@ and scoring) is recorded per image.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
+import io
 import json
 import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from PIL import Image
 
 from spark_jax.autosc import AutoSCConfig, autosc_batch
 from spark_jax.config import SparkConfig
-from spark_jax.datasets import Dataset, Sample, get_dataset
+from spark_jax.datasets import BadSampleError, Dataset, Sample, get_dataset
 from spark_jax.evaluation import PROTOCOLS, Evaluator, LabelSpace, protocol_labels
 from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
 from spark_jax.kmeans import KMeansConfig, kmeans_tokens
 from spark_jax.ncut import NCutConfig, recursive_ncut_batch
 from spark_jax.pamr import PamrConfig, refine_labels
 from spark_jax.pipeline import PipelineConfig, segment_features
+from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
 from spark_jax.preprocess import prepare_image, prepare_label, resize_bilinear
 from spark_jax.upsample import concept_assignment
 
@@ -75,6 +81,8 @@ __all__ = [
 ]
 
 SSD1B_REPO = "segmind/SSD-1B"
+# What a run does with an unreadable image or label: stop naming every bad file, or skip and list them.
+ON_BAD_SAMPLE = ("fail", "skip")
 BACKBONES = ("auto", "ssd1b", "handcrafted")
 
 
@@ -99,7 +107,9 @@ class RunConfig:
         batch_size: images per backbone / method call.
         output_dir: where results go.
         limit: evaluate only the first ``limit`` images.
-        protocol: ``standard`` or ``diffcut`` (see :mod:`spark_jax.evaluation`).
+        protocol: ``diffcut`` (the default: DiffCut's released evaluation, what SPARK's and DiffCut's tables are
+            comparable to) or ``standard`` (the datasets' own definitions, the correction; see
+            :mod:`spark_jax.evaluation`).
         pamr: apply PAMR after the background merge (the paper's setting).
         feature_cache: folder of cached backbone features, or None.
         num_overlays: overlays written for the first images (unlabelled images always get one).
@@ -108,7 +118,10 @@ class RunConfig:
         upsampling: token labels -> masks: ``soft_labels`` (SPARK: bilinear upsampling of Q*, then argmax) or
             ``concept`` (DiffCut's concept assignment); None: the method's own (``soft_labels`` for SPARK,
             ``concept`` for the baselines, which have no soft labels).
-        spark: SPARK's hyperparameters (``method='spark'``).
+        spark: SPARK's hyperparameters (``method='spark'``); None: those of ``spark_preset``.
+        spark_preset: a name of :data:`spark_jax.presets.SPARK_PRESETS` (``paper``, ...), or ``auto`` for the
+            backbone's own (:data:`spark_jax.presets.BACKBONE_PRESETS`: the paper's for SSD-1B). Used when
+            ``spark`` is None; :func:`run` records the resolved name and values.
         pamr_config: PAMR's settings.
         ncut: DiffCut's recursive NCut hyperparameters (``method='diffcut'``).
         autosc: AutoSC's hyperparameters (``method='autosc'``).
@@ -122,6 +135,11 @@ class RunConfig:
             ``kmeans_k='gt'``; such images are only drawn, never scored.
         kmeans_seed: seed of the k-means++ initialisation; image ``i`` of the dataset uses
             ``fold_in(key(seed), i)``, so results do not depend on batching or on resuming.
+        on_bad_sample: an image or label that cannot be decoded (truncated, empty, not an image, label values
+            outside the label space): ``fail`` stops before the run and names every bad file at once; ``skip``
+            leaves them out and lists them in ``metrics.json`` (``skipped``) and the summary.
+        allow_nonfinite_features: score images whose backbone features hold NaN/Inf (those tokens act as zero
+            vectors; counted in ``metrics.json``) instead of stopping with the count and the likely cause.
     """
 
     dataset: str = "demo"
@@ -134,14 +152,15 @@ class RunConfig:
     batch_size: int = 4
     output_dir: str = "outputs/demo"
     limit: int | None = None
-    protocol: str = "standard"
+    protocol: str = "diffcut"
     pamr: bool = True
     feature_cache: str | None = None
     num_overlays: int = 8
     demo_images: int = 8
     demo_photos: bool = True
     upsampling: str | None = None
-    spark: SparkConfig = SparkConfig()
+    spark: SparkConfig | None = None
+    spark_preset: str = "auto"
     pamr_config: PamrConfig = PamrConfig()
     ncut: NCutConfig = NCutConfig()
     autosc: AutoSCConfig = AutoSCConfig()
@@ -149,6 +168,8 @@ class RunConfig:
     kmeans_k: int | str = "gt"
     kmeans_unlabelled_k: int = 6
     kmeans_seed: int = 0
+    on_bad_sample: str = "fail"
+    allow_nonfinite_features: bool = False
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -158,7 +179,13 @@ class RunConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; available: {sorted(METHODS)}")
         if self.batch_size < 1 or self.mask_size < 8:
-            raise ValueError("batch_size must be >= 1 and mask_size >= 8")
+            raise ValueError(f"batch_size must be >= 1 and mask_size >= 8, got --batch_size={self.batch_size} "
+                             f"--mask_size={self.mask_size}")
+        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
+            raise ValueError(f"--resolution must be an int >= 8 (the backbone's input side in pixels) or unset for "
+                             f"the backbone's own, got {self.resolution!r}")
+        if self.on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"--on_bad_sample must be one of {ON_BAD_SAMPLE}, got {self.on_bad_sample!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 (or None for all images), got {self.limit}")
         if self.upsampling not in (None, "soft_labels", "concept"):
@@ -178,7 +205,12 @@ class RunConfig:
             )
         if not isinstance(self.kmeans_unlabelled_k, int) or self.kmeans_unlabelled_k < 1:
             raise ValueError(f"kmeans_unlabelled_k must be an int >= 1, got {self.kmeans_unlabelled_k!r}")
-        if self.method == "spark":
+        if self.spark_preset not in ("auto", "custom", *SPARK_PRESETS):
+            raise ValueError(f"--spark_preset must be 'auto' or one of {sorted(SPARK_PRESETS)}, got "
+                             f"{self.spark_preset!r}")
+        if self.spark_preset == "custom" and self.spark is None:
+            raise ValueError("spark_preset='custom' names explicit settings: give spark=SparkConfig(...)")
+        if self.method == "spark" and self.spark is not None:
             self.spark.check_values()
         elif self.method == "diffcut":
             self.ncut.check_values()
@@ -204,7 +236,7 @@ class RunConfig:
 
 # RunConfig fields that belong to one method (recorded, and compared on resume, only when it runs).
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
-    "spark": ("spark",),
+    "spark": ("spark", "spark_preset"),
     "diffcut": ("ncut",),
     "autosc": ("autosc",),
     "kmeans": ("kmeans", "kmeans_k", "kmeans_unlabelled_k", "kmeans_seed"),
@@ -242,11 +274,45 @@ class ResolvedBackbone(NamedTuple):
             ``extract_features_prepared``) and a ``resolution``.
         key: identifies its features in the feature cache (backbone kind, checkpoint and settings).
         description: human-readable, recorded in ``metrics.json``.
+        kind: ``ssd1b`` or ``handcrafted`` (selects the default SPARK preset).
     """
 
     backbone: Any
     key: str
     description: str
+    kind: str = "user"
+
+
+def backbone_kind(cfg: RunConfig) -> tuple[str, str | None]:
+    """``(kind, checkpoint)`` of the backbone ``cfg`` selects, without loading it: ``auto`` is SSD-1B from
+    ``cfg.checkpoint`` or the Hugging Face cache, else the handcrafted backbone for the demo.
+
+    Raises:
+        BackboneNotFoundError: no checkpoint where one is needed; the message says how to get SSD-1B.
+    """
+    checkpoint, kind = cfg.checkpoint, cfg.backbone
+    if kind == "handcrafted":
+        return kind, checkpoint
+    if checkpoint is None:
+        checkpoint = find_cached_checkpoint()
+    if kind == "auto":
+        if checkpoint is None and cfg.dataset == "demo":
+            return "handcrafted", None
+        kind = "ssd1b"
+    if checkpoint is None:
+        raise BackboneNotFoundError(_HOW_TO_GET_SSD1B)
+    return kind, checkpoint
+
+
+def resolve_spark(cfg: RunConfig, kind: str) -> RunConfig:
+    """``cfg`` with SPARK's settings made concrete: ``cfg.spark`` if given, else the preset ``cfg.spark_preset``
+    names (``auto``: the backbone kind's own); ``spark_preset`` then names the preset used, or ``custom``."""
+    name = cfg.spark_preset if cfg.spark_preset not in ("auto", "custom") else preset_for_backbone(kind)
+    if cfg.spark is None:
+        return dataclasses.replace(cfg, spark=SPARK_PRESETS[name].config, spark_preset=name)
+    same = [name] if SPARK_PRESETS[name].config == cfg.spark else [
+        n for n, p in SPARK_PRESETS.items() if p.config == cfg.spark]
+    return dataclasses.replace(cfg, spark_preset=same[0] if same else "custom")
 
 
 def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone:
@@ -260,30 +326,19 @@ def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone:
 
 
 def _resolve_backbone(cfg: RunConfig):
-    """Returns ``(backbone, key, description)``; ``key`` identifies its features in the feature cache."""
-    checkpoint = cfg.checkpoint
-    kind = cfg.backbone
-    if kind == "auto":
-        if checkpoint is None:
-            checkpoint = find_cached_checkpoint()
-        kind = "ssd1b" if checkpoint is not None else ("handcrafted" if cfg.dataset == "demo" else None)
-        if kind is None:
-            raise BackboneNotFoundError(_HOW_TO_GET_SSD1B)
+    """Returns ``(backbone, key, description, kind)``; ``key`` identifies its features in the feature cache."""
+    kind, checkpoint = backbone_kind(cfg)
     if kind == "handcrafted":
         hc = HandcraftedConfig(resolution=cfg.resolution or 256)
         key = "handcrafted-" + _digest(repr(hc))
-        return HandcraftedBackbone(hc), key, f"handcrafted (weights-free demo backbone), {hc}"
-    if checkpoint is None:
-        checkpoint = find_cached_checkpoint()
-        if checkpoint is None:
-            raise BackboneNotFoundError(_HOW_TO_GET_SSD1B)
+        return HandcraftedBackbone(hc), key, f"handcrafted (weights-free demo backbone), {hc}", kind
     if not os.path.isdir(checkpoint):
         raise BackboneNotFoundError(f"--checkpoint={checkpoint!r} is not a folder. " + _HOW_TO_GET_SSD1B)
     from spark_jax.backbone import BackboneConfig, load_backbone  # heavy import: only when used
 
     bcfg = BackboneConfig(resolution=cfg.resolution or 1024)
     key = "diffusion-" + _digest(os.path.abspath(checkpoint) + repr(bcfg))
-    return load_backbone(checkpoint, bcfg), key, f"diffusion backbone from {checkpoint}, {bcfg}"
+    return load_backbone(checkpoint, bcfg), key, f"diffusion backbone from {checkpoint}, {bcfg}", kind
 
 
 def _backbone_resolution(backbone) -> int:
@@ -506,13 +561,53 @@ def classes_present(label: np.ndarray, space: LabelSpace, protocol: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- file helpers
+class OutputPathError(OSError):
+    """The output folder cannot be written (a file in the way, no permission, disk full); says which path and
+    what to do."""
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free some space or choose another --output_dir",
+    errno.EDQUOT: "the disk quota is exceeded: free some space or choose another --output_dir",
+    errno.EACCES: "permission denied: make the folder writable or choose another --output_dir",
+    errno.EPERM: "permission denied: make the folder writable or choose another --output_dir",
+    errno.EROFS: "the file system is read-only: choose another --output_dir",
+    errno.ENOTDIR: "a file is in the way of a folder: remove it or choose another --output_dir",
+    errno.EEXIST: "a file is in the way of a folder: remove it or choose another --output_dir",
+}
+
+
+def _output_error(path: str, err: OSError) -> OutputPathError:
+    fix = _OS_FIXES.get(err.errno, "check the path or choose another --output_dir")
+    return OutputPathError(err.errno, f"cannot write {path!r} ({err.strerror or err}): {fix}")
+
+
+def _make_output_dirs(out: str) -> None:
+    for folder in (out, os.path.join(out, "predictions"), os.path.join(out, "overlays")):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise OutputPathError(errno.ENOTDIR, f"--output_dir: {folder!r} is a file, not a folder: remove it "
+                                                 "or choose another --output_dir")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise _output_error(folder, err) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputPathError(errno.EACCES, f"cannot write into {out!r}: permission denied; make it writable or "
+                                            "choose another --output_dir")
+
+
 def _atomic_write_bytes(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    except OSError as err:
+        with contextlib.suppress(OSError):  # never leave a half-written temporary file behind
+            os.remove(tmp)
+        raise _output_error(path, err) from None
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
@@ -520,8 +615,6 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 
 
 def _atomic_write_png(path: str, array: np.ndarray) -> None:
-    import io
-
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     _atomic_write_bytes(path, buf.getvalue())
@@ -531,26 +624,85 @@ def _safe(image_id: str) -> str:
     return image_id.replace("/", "__").replace(os.sep, "__")
 
 
+class CorruptRunError(ValueError):
+    """A file of an existing run folder (results.jsonl, run_config.json) cannot be read; names the file, the line
+    and the fix."""
+
+
+def _check_record(rec: Any, where: str) -> None:
+    """Raises CorruptRunError unless ``rec`` has the fields a resume reads, with the right types."""
+    def fail(problem):
+        raise CorruptRunError(f"{where}: {problem}; delete that line (the image is then recomputed) to resume")
+
+    if not isinstance(rec, dict):
+        fail(f"expected a JSON object, got {type(rec).__name__}")
+    for key, kind in (("id", str), ("index", int), ("scored", bool)):
+        if not isinstance(rec.get(key), kind):
+            fail(f"field {key!r} missing or not a {kind.__name__} (got {rec.get(key)!r})")
+    if rec["scored"]:
+        lengths = set()
+        for key in ("tp", "fp", "fn"):
+            v = rec.get(key)
+            if not (isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v)):
+                fail(f"field {key!r} missing or not a list of counts")
+            lengths.add(len(v))
+        if len(lengths) != 1:
+            fail("fields 'tp', 'fp', 'fn' differ in length")
+        if not (isinstance(rec.get("pixels"), int) and rec["pixels"] >= 0):
+            fail("field 'pixels' missing or not a count")
+
+
 def load_results(path: str) -> list[dict[str, Any]]:
-    """Reads ``results.jsonl``; a torn last line (interrupted write) is dropped, duplicates keep the first."""
+    """Reads ``results.jsonl``; a torn last line (interrupted write) is dropped, duplicates keep the first.
+
+    Raises:
+        CorruptRunError: a line other than the last is not UTF-8, not JSON or lacks a field a resume needs.
+    """
     if not os.path.exists(path):
         return []
     out, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    for k, line in enumerate(lines):
-        if not line.strip():
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    for k, raw in enumerate(lines):
+        if not raw.strip():
             continue
+        last = k >= len(lines) - 2  # only the last record may be torn (a crash mid-write)
+        where = f"{path}: line {k + 1}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if last:
+                break
+            raise CorruptRunError(f"{where} is not UTF-8 text (byte {err.start}); delete that line (the image is "
+                                  "then recomputed) to resume") from None
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            if k >= len(lines) - 2:  # only the last record may be torn
+            if last:
                 break
-            raise ValueError(f"{path}: line {k + 1} is corrupt; delete that line to resume") from None
+            raise CorruptRunError(f"{where} is not valid JSON; delete that line (the image is then recomputed) "
+                                  "to resume") from None
+        _check_record(rec, where)
         if rec["id"] not in seen:
             seen.add(rec["id"])
             out.append(rec)
     return out
+
+
+def _load_run_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptRunError(
+            f"{path} is corrupt ({err}): the folder's results cannot be matched to a configuration. Choose another "
+            "--output_dir, or, if you know its results.jsonl was made with exactly these flags, delete "
+            "run_config.json to adopt them."
+        ) from None
+    if not (isinstance(previous, dict) and isinstance(previous.get("run"), dict)):
+        raise CorruptRunError(f"{path} is not a run configuration (no 'run' object): choose another --output_dir "
+                              "or delete run_config.json to adopt the folder's results")
+    return previous
 
 
 # ----------------------------------------------------------------------------------------------- overlays
@@ -609,25 +761,39 @@ def _bucket(n: int) -> int:
     return max(8, 1 << int(np.ceil(np.log2(max(n, 1)))))
 
 
-class _Printer:
-    def __init__(self, total: int, done: int, quiet: bool):
-        self.total, self.start_done, self.quiet = total, done, quiet
-        self.t0 = time.perf_counter()
+def _progress(total: int, done: int, quiet: bool, desc: str):
+    """The run's progress bar (images/s and ETA from tqdm; the running mIoU as its postfix)."""
+    return tqdm.tqdm(total=total, initial=done, unit="img", desc=desc, disable=quiet, dynamic_ncols=True,
+                     file=sys.stderr)
 
-    def __call__(self, done: int, miou: float) -> None:
-        if self.quiet:
-            return
-        elapsed = time.perf_counter() - self.t0
-        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        width = 30
-        filled = int(width * done / max(self.total, 1))
-        bar = "#" * filled + "." * (width - filled)
-        score = "" if np.isnan(miou) else f"  mIoU so far {100 * miou:5.1f}"
-        print(f"\r[{bar}] {done}/{self.total}  {rate:5.2f} img/s  eta {eta:6.0f} s{score}", end="",
-              file=sys.stderr, flush=True)
-        if done >= self.total:
-            print(file=sys.stderr, flush=True)
+
+class BadDataError(ValueError):
+    """Images or labels of the dataset cannot be used; the message names every bad file and the fix."""
+
+
+class NonFiniteFeaturesError(ValueError):
+    """The backbone produced NaN/Inf features; the message gives the count per image and the likely cause."""
+
+
+def _bad_data_error(bad: list, total: int) -> BadDataError:
+    lines = [f"  {b.image_id}: {b.path}: {b.reason}" + (f" ({b.fix})" if getattr(b, "fix", "") else "")
+             for b in bad]
+    return BadDataError(
+        f"{len(bad)} of {total} samples cannot be read:\n" + "\n".join(lines)
+        + "\nReplace or re-extract those files, or pass --on_bad_sample=skip to leave them out (they are listed "
+        "in metrics.json)."
+    )
+
+
+def _nonfinite_error(found: list[tuple[str, int]], tokens: int, backbone_desc: str) -> NonFiniteFeaturesError:
+    listed = ", ".join(f"{i} ({n} of {tokens} tokens)" for i, n in found[:10])
+    more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+    return NonFiniteFeaturesError(
+        f"the backbone's features hold NaN/Inf: {listed}{more}. Backbone: {backbone_desc}. Likely causes: NaN or "
+        "Inf weights in the checkpoint (a damaged or partial download: re-download it), or float16 overflow "
+        "in the UNet (run it in float32 or bfloat16). Pass --allow_nonfinite_features to score anyway (those "
+        "tokens are treated as zero vectors and counted in metrics.json)."
+    )
 
 
 def run(
@@ -660,31 +826,41 @@ def run(
         ds = get_dataset(cfg.dataset, cfg.data_dir, **kwargs)
     space = ds.label_space
     if backbone is None:
-        backbone, backbone_key, backbone_desc = _resolve_backbone(cfg)
+        backbone, backbone_key, backbone_desc, kind = _resolve_backbone(cfg)
     elif isinstance(backbone, ResolvedBackbone):
-        backbone, backbone_key, backbone_desc = backbone
+        backbone, backbone_key, backbone_desc, kind = backbone
     else:
         backbone_desc = f"user-supplied {type(backbone).__name__}"
         backbone_key = "user-" + _digest(backbone_desc + repr(getattr(backbone, "cfg", "")))
+        kind = "handcrafted" if isinstance(backbone, HandcraftedBackbone) else "user"
+    cfg = resolve_spark(cfg, kind)
     resolution = _backbone_resolution(backbone)
     method = _jitted_method(cfg.method, cfg.mask_size, cfg.resolved_upsampling)
     executables: dict[Any, Any] = {}  # compiled method per input signature (one in practice: batches are padded)
 
     out = cfg.output_dir
-    for sub in ("predictions", "overlays"):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    _make_output_dirs(out)
+    ids = ds.ids
+    # The run's identity: its configuration, the data folder and the list of images it reads (a resume against
+    # another copy or version of the dataset is refused, not mixed in).
     config_json = {"run": cfg.to_json(), "backbone": backbone_desc, "backbone_key": backbone_key,
-                   "resolution": resolution}
+                   "resolution": resolution,
+                   "data_dir": None if cfg.data_dir is None else os.path.realpath(cfg.data_dir),
+                   "image_list": {"num_images": len(ids), "sha256": _digest("\n".join(ids))}}
     config_path = os.path.join(out, "run_config.json")
     if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        keep = ("output_dir", "batch_size", "limit", "feature_cache", "num_overlays", "data_dir")
+        previous = _load_run_config(config_path)
+        keep = ("output_dir", "batch_size", "limit", "feature_cache", "num_overlays", "data_dir", "on_bad_sample",
+                "allow_nonfinite_features")
         strip = lambda c: {**c, "run": {k: v for k, v in c["run"].items() if k not in keep}}  # noqa: E731
         if strip(previous) != strip(config_json):
+            changed = sorted(k for k in set(strip(previous)["run"]) | set(strip(config_json)["run"])
+                             if strip(previous)["run"].get(k) != strip(config_json)["run"].get(k))
+            changed += [k for k in ("backbone", "backbone_key", "resolution", "data_dir", "image_list")
+                        if previous.get(k) != config_json.get(k)]
             raise ValueError(
-                f"{out} holds a run with another configuration (see {config_path}); resume it with the same "
-                "flags or choose another --output_dir."
+                f"{out} holds a run with another configuration (differs in: {', '.join(changed)}; see "
+                f"{config_path}); resume it with the same flags and data, or choose another --output_dir."
             )
     _atomic_write_json(config_path, config_json)
 
@@ -694,7 +870,6 @@ def run(
     if logged:
         _atomic_write_bytes(results_path, "".join(json.dumps(r) + "\n" for r in logged).encode())
 
-    ids = ds.ids
     order = list(range(len(ids) if cfg.limit is None else min(cfg.limit, len(ids))))
     wanted = {ids[i] for i in order}
     # Only images of this run's selection count (a previous run may have had a larger --limit).
@@ -703,19 +878,52 @@ def run(
     evaluator = Evaluator(space, cfg.protocol)
     for r in records:
         if r.get("scored"):
-            evaluator.add_counts(r["id"], r["tp"], r["fp"], r["fn"], r["pixels"])
+            try:
+                evaluator.add_counts(r["id"], r["tp"], r["fp"], r["fn"], r["pixels"])
+            except ValueError as err:
+                raise CorruptRunError(f"{results_path}: the record of {r['id']!r} cannot be restored ({err}); "
+                                      "delete its line (the image is then recomputed) to resume") from None
     pending = [i for i in order if ids[i] not in done]
-    progress = _Printer(len(order), len(order) - len(pending), quiet)
-    progress(len(order) - len(pending), evaluator.result()["miou"] if len(evaluator) else float("nan"))
+    # Decode every pending image and label before the run: a bad file is named now, with all the others, not
+    # after hours of work.
+    skipped: list[dict[str, Any]] = []
+    if pending and hasattr(ds, "verify"):
+        bad = ds.verify(pending, progress=not quiet)
+        if bad and cfg.on_bad_sample == "fail":
+            raise _bad_data_error(bad, len(pending))
+        bad_index = {b.index for b in bad}
+        skipped = [{"id": b.image_id, "path": b.path, "reason": b.reason} for b in bad]
+        pending = [i for i in pending if i not in bad_index]
+    progress = _progress(len(order) - len(skipped), len(order) - len(pending) - len(skipped), quiet,
+                         f"{ds.name} / {cfg.method}")
+
+    def show(n: int) -> None:
+        progress.update(n)
+        if len(evaluator):
+            progress.set_postfix_str(f"mIoU {100 * evaluator.result()['miou']:.1f}", refresh=False)
 
     via = resolution if cfg.protocol == "diffcut" else None
     timing = {"load": 0.0, "backbone": 0.0, "compile": 0.0, "method": 0.0, "score": 0.0, "write": 0.0}
 
-    with open(results_path, "a", encoding="utf-8") as log:
+    try:
+        log = open(results_path, "a", encoding="utf-8")
+    except OSError as err:
+        raise _output_error(results_path, err) from None
+    with log:
         for start in range(0, len(pending), cfg.batch_size):
             batch = pending[start : start + cfg.batch_size]
             t = time.perf_counter()
-            samples: list[Sample] = [ds[i] for i in batch]
+            samples: list[Sample] = []
+            for i in list(batch):
+                try:
+                    samples.append(ds[i])
+                except BadSampleError as err:  # e.g. a file that changed after the check
+                    if cfg.on_bad_sample == "fail":
+                        raise _bad_data_error([err], len(pending)) from None
+                    skipped.append({"id": err.image_id, "path": err.path, "reason": err.reason})
+                    batch.remove(i)
+            if not samples:
+                continue
             prepared = jnp.stack([_prep_jit(jnp.asarray(s.image), resolution) for s in samples])
             gts = [None if s.label is None else np.asarray(prepare_label(s.label, cfg.mask_size, via=via))
                    for s in samples]
@@ -724,7 +932,12 @@ def run(
 
             t = time.perf_counter()
             feats = _features(backbone, backbone_key, cfg, samples, prepared)
+            # One small reduction per batch (the method syncs on its outputs anyway).
+            nonfinite = np.asarray(jnp.sum(~jnp.all(jnp.isfinite(feats), axis=-1), axis=(1, 2)))
             timing["backbone"] += time.perf_counter() - t
+            if nonfinite.any() and not cfg.allow_nonfinite_features:
+                found = [(s.image_id, int(n)) for s, n in zip(samples, nonfinite) if n]
+                raise _nonfinite_error(found, feats.shape[1] * feats.shape[2], backbone_desc)
 
             # Pad a short last batch with copies so that the method compiles for one batch shape only.
             pad = cfg.batch_size - feats.shape[0]
@@ -769,16 +982,20 @@ def run(
                         return np.asarray(out_)
 
                 rec: dict[str, Any] = {"id": s.image_id, "index": int(i), "clustering_seconds": per_image_seconds,
-                                       "num_classes_present": num_classes[j]}
+                                       "num_classes_present": num_classes[j],
+                                       "nonfinite_feature_tokens": int(nonfinite[j])}
                 gt = gts[j]
                 if gt is not None:
                     counts = evaluator.update(s.image_id, pred, gt, refine=refine)
                     final = counts.pred
-                    rec.update(scored=True, tp=counts.tp.tolist(), fp=counts.fp.tolist(), fn=counts.fn.tolist(),
-                               pixels=counts.pixels)
+                    if counts.pixels > 0:
+                        rec.update(scored=True, tp=counts.tp.tolist(), fp=counts.fp.tolist(), fn=counts.fn.tolist(),
+                                   pixels=counts.pixels)
+                    else:  # every pixel void after the crop and resize: drawn and reported, not scored
+                        rec.update(scored=False, unscored_reason="no valid pixel in the label map")
                 else:
                     final = refine(pred) if refine is not None else pred
-                    rec.update(scored=False)
+                    rec.update(scored=False, unscored_reason="no label map")
                 timing["score"] += time.perf_counter() - t
 
                 t = time.perf_counter()
@@ -790,15 +1007,18 @@ def run(
                     _atomic_write_png(os.path.join(out, "overlays", _safe(s.image_id) + ".png"), ov)
                 rec["diagnostics"] = {k: v[j].item() for k, v in diag.items()}
                 rec["num_predicted_segments"] = int(final.max()) + 1
-                log.write(json.dumps(rec) + "\n")  # one write per record: a crash leaves at most a torn tail
-                log.flush()
-                os.fsync(log.fileno())
+                try:
+                    log.write(json.dumps(rec) + "\n")  # one write per record: a crash leaves at most a torn tail
+                    log.flush()
+                    os.fsync(log.fileno())
+                except OSError as err:
+                    raise _output_error(results_path, err) from None
                 records.append(rec)
                 timing["write"] += time.perf_counter() - t
                 if on_image is not None:
                     on_image(s.image_id)
-            progress(len(order) - len(pending) + start + len(batch),
-                     evaluator.result()["miou"] if len(evaluator) else float("nan"))
+            show(len(samples))
+    progress.close()
 
     elapsed = time.perf_counter() - t_start
     result = evaluator.result()
@@ -812,6 +1032,14 @@ def run(
         "pixel_accuracy": result["pixel_accuracy"],
         "num_images_scored": result["num_images"],
         "num_images": len(records),
+        "unscored": [{"id": r["id"], "reason": r.get("unscored_reason", "no label map")}
+                     for r in records if not r.get("scored")],
+        "skipped": skipped,
+        "nonfinite_features": {
+            "allowed": cfg.allow_nonfinite_features,
+            "num_images": sum(1 for r in records if r.get("nonfinite_feature_tokens", 0) > 0),
+            "num_tokens": sum(r.get("nonfinite_feature_tokens", 0) for r in records),
+        },
         "per_class_iou": result["per_class_iou"],
         "diagnostics_mean": {
             k: float(np.mean([r["diagnostics"][k] for r in records if k in r.get("diagnostics", {})]))
@@ -834,6 +1062,10 @@ def run(
             "images_per_second": len(pending) / elapsed if elapsed > 0 and pending else None,
             "stage_seconds": timing,
         },
+        "spark_preset": ({"name": cfg.spark_preset,
+                          "how_chosen": SPARK_PRESETS[cfg.spark_preset].how_chosen
+                          if cfg.spark_preset in SPARK_PRESETS else "explicit settings (flags or a SparkConfig)"}
+                         if cfg.method == "spark" else None),
         "notes": [n for n in (getattr(ds, "note", ""),) if n],
         "output_dir": os.path.abspath(out),
         "overlays": os.path.abspath(os.path.join(out, "overlays")),
@@ -853,6 +1085,25 @@ def _contiguous(pred: np.ndarray) -> np.ndarray:
     return inverse.reshape(np.shape(pred)).astype(np.int64)
 
 
+def _read_cached_features(paths: list[str]) -> np.ndarray | None:
+    """The cached features of a batch, or None (with a warning naming the entry) when one cannot be used: it is
+    then rebuilt from the backbone and rewritten."""
+    arrays = []
+    for p in paths:
+        try:
+            a = np.load(p, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            warnings.warn(f"feature cache entry {p} is unreadable ({err}); recomputing it", RuntimeWarning,
+                          stacklevel=3)
+            return None
+        if a.ndim != 3 or not np.issubdtype(a.dtype, np.floating) or (arrays and a.shape != arrays[0].shape):
+            warnings.warn(f"feature cache entry {p} holds a {a.dtype} array of shape {a.shape}, not the [h, w, C] "
+                          "float features of its batch; recomputing it", RuntimeWarning, stacklevel=3)
+            return None
+        arrays.append(a)
+    return np.stack(arrays)
+
+
 def _features(backbone, key: str, cfg: RunConfig, samples: list[Sample], prepared: jax.Array) -> jax.Array:
     """Backbone features of a batch, from and into the feature cache when one is configured."""
     paths = None
@@ -862,7 +1113,9 @@ def _features(backbone, key: str, cfg: RunConfig, samples: list[Sample], prepare
         # The image's content is part of the key: a changed file never reuses stale features.
         paths = [os.path.join(folder, f"{_safe(s.image_id)}-{_image_digest(s.image)}.npy") for s in samples]
         if all(os.path.exists(p) for p in paths):
-            return jnp.asarray(np.stack([np.load(p) for p in paths]))
+            cached = _read_cached_features(paths)
+            if cached is not None:
+                return jnp.asarray(cached)
     if hasattr(backbone, "extract_features_prepared"):
         feats = backbone.extract_features_prepared(prepared)
     else:
@@ -879,8 +1132,6 @@ def _features(backbone, key: str, cfg: RunConfig, samples: list[Sample], prepare
     if paths is not None:
         host = np.asarray(feats)
         for p, f in zip(paths, host):
-            import io
-
             buf = io.BytesIO()
             np.save(buf, f)
             _atomic_write_bytes(p, buf.getvalue())
