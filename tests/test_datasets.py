@@ -312,7 +312,6 @@ def test_demo_benchmark_has_unequal_sizes_thin_structures_and_a_background():
 
 
 def test_demo_photos_are_unlabelled():
-    pytest.importorskip("skimage")
     ds = get_dataset("demo", num_images=2)
     assert len(ds) == 6 and ds.ids[2] == "photo_astronaut"
     s = ds[2]

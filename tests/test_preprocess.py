@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import torch
+
 from spark_jax.preprocess import crop_box, label_indices, prepare_image, prepare_label
 
-torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 
