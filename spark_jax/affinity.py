@@ -12,10 +12,11 @@ import jax.numpy as jnp
 from spark_jax.config import GlobalMode, Negatives, SparkConfig
 
 # Bisection bracket of the automatic sharpening exponent p, in log2 p, and its number of steps.
-# 2^-4..2^8 spans a nearly flat to a nearly one-hot row for float32 cosines (DiffCut uses 10, the
-# behaviour map finds 4-8 good on planted features); 24 halvings leave 12 / 2^24 ~ 1e-6 in log2 p,
-# below what float32 entropies resolve.
-SHARPEN_LOG2_RANGE = (-4.0, 8.0)
+# 2^-4..2^10 spans a nearly flat to a nearly one-hot row for float32 cosines (DiffCut uses 10, the
+# behaviour map finds 4-8 good on planted features; the handcrafted backbone's cosines crowd near
+# 1 and need p ~ 100); 24 halvings leave 14 / 2^24 ~ 1e-6 in log2 p, below what float32
+# entropies resolve.
+SHARPEN_LOG2_RANGE = (-4.0, 10.0)
 SHARPEN_BISECTION_STEPS = 24
 
 # Feature vectors shorter than this are treated as zero vectors by the cosine (no division by 0).
