@@ -59,7 +59,8 @@ def _xla_bytes(compiled) -> int:
 
 
 def time_jax(features: np.ndarray, cfg: SparkConfig, repeats: int, chunk_size: int | None = None):
-    compiled = segment_tokens_batch.lower(features, cfg, chunk_size=chunk_size).compile()
+    # segment_tokens_batch validates on the host, then runs its jitted program; jit it whole to lower it.
+    compiled = jax.jit(segment_tokens_batch, static_argnames="chunk_size").lower(features, cfg, chunk_size=chunk_size).compile()
     out = compiled(features, cfg)  # warm-up
     jax.block_until_ready(out)
     seconds = _best_time(lambda: compiled(features, cfg), repeats)

@@ -90,7 +90,7 @@ def _make_call(method: str, features: jax.Array, num_regions: int):
     """(compiled call without arguments, reader of (labels, diagnostics) off its output)."""
     if method == "spark":
         cfg = SparkConfig() if _PAPER_SPARK.value else PLANTED_SPARK
-        compiled = segment_tokens.lower(features, cfg).compile()
+        compiled = jax.jit(segment_tokens).lower(features, cfg).compile()  # validates, then lowers
         return (lambda: compiled(features, cfg)), (
             lambda r: (r.labels, f"K={int(r.num_clusters)} mcl_iters={int(r.mcl_iterations)}")
         )

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from spark_jax.affinity import row_normalize
+from spark_jax.config import MclNorm
 
 
 class MarkovFlowResult(NamedTuple):
@@ -21,7 +22,8 @@ class MarkovFlowResult(NamedTuple):
     Attributes:
       flow: P* [N, N], the last iterate (row-stochastic).
       num_iters: int32 [], iterations of Eq. 8 that ran.
-      converged: bool [], True iff ||P_{t+1} - P_t||_inf < tol was reached before the cap.
+      converged: bool [], True iff ||P_{t+1} - P_t|| < tol (in the chosen norm) was reached
+        before the cap.
     """
 
     flow: jax.Array
@@ -75,6 +77,21 @@ def markov_flow_step(
     return row_normalize(prune(inflate(expanded, inflation), prune_threshold))
 
 
+def change_norm(d: jax.Array, norm: MclNorm) -> jax.Array:
+    """||d|| of the convergence test of Eq. 8, for d = P_{t+1} - P_t [N, N].
+
+    'inf' is the matrix infinity norm, the largest absolute row sum max_i sum_j |d_ij| (what
+    ||.||_inf of a matrix means, and for row-stochastic P the largest total-variation change of
+    a token's flow distribution); 'max_abs' is the largest entry max_ij |d_ij|, at most 'inf'
+    and at least 'inf' / N.
+    """
+    if norm == "inf":
+        return jnp.max(jnp.sum(jnp.abs(d), axis=-1))
+    if norm == "max_abs":
+        return jnp.max(jnp.abs(d))
+    raise ValueError(f"norm must be 'inf' or 'max_abs', got {norm!r}")
+
+
 def markov_flow(
     s: jax.Array,
     *,
@@ -83,9 +100,10 @@ def markov_flow(
     prune_threshold: float | jax.Array = 1e-7,
     tol: float | jax.Array = 1e-6,
     max_iter: int = 100,
+    norm: MclNorm = "inf",
     precision=jax.lax.Precision.HIGHEST,
 ) -> MarkovFlowResult:
-    """Iterates Eq. 8 from P_0 = S until ||P_{t+1} - P_t||_inf < tol or `max_iter` steps.
+    """Iterates Eq. 8 from P_0 = S until ||P_{t+1} - P_t|| < tol or `max_iter` steps.
 
     Runs in `lax.while_loop`, so it is jittable and vmappable; under vmap each batch member
     keeps its own iteration count (the loop runs until the slowest one stops).
@@ -95,8 +113,10 @@ def markov_flow(
       expansion: matrix power l (static).
       inflation: r.
       prune_threshold: tau.
-      tol: convergence threshold on the max-abs change (Eq. 8's epsilon).
+      tol: convergence threshold on the change (Eq. 8's epsilon).
       max_iter: iteration cap (static); reaching it without convergence gives converged=False.
+      norm: the norm of the change (static), see `change_norm`: 'inf' (the matrix infinity norm
+        of Eq. 8) or 'max_abs' (the largest entry).
       precision: matmul precision of the expansion.
 
     Returns:
@@ -117,7 +137,7 @@ def markov_flow(
             prune_threshold=prune_threshold,
             precision=precision,
         )
-        return p_next, t + 1, jnp.max(jnp.abs(p_next - p))
+        return p_next, t + 1, change_norm(p_next - p, norm)
 
     p, t, delta = jax.lax.while_loop(cond, body, (s, jnp.int32(0), jnp.float32(jnp.inf)))
     return MarkovFlowResult(flow=p, num_iters=t, converged=delta < tol)

@@ -78,12 +78,19 @@ def mcl_step(p, expansion=2, inflation=2.6, tau=1e-7):
     return row_norm(pruned)
 
 
-def mcl(s, expansion=2, inflation=2.6, tau=1e-7, tol=1e-6, max_iter=100):
+def change(d, norm="inf"):
+    """The norm of Eq. 8's convergence test: 'inf' = largest absolute row sum, 'max_abs' = largest entry."""
+    if norm == "inf":
+        return np.linalg.norm(d, np.inf)
+    return np.abs(d).max()
+
+
+def mcl(s, expansion=2, inflation=2.6, tau=1e-7, tol=1e-6, max_iter=100, norm="inf"):
     """Iterates Eq. 8 from P_0 = S; returns (P*, iterations, converged)."""
     p = np.asarray(s, np.float64)
     for t in range(1, max_iter + 1):
         p_next = mcl_step(p, expansion, inflation, tau)
-        delta = np.abs(p_next - p).max()
+        delta = change(p_next - p, norm)
         p = p_next
         if delta < tol:
             return p, t, True
@@ -117,11 +124,11 @@ def propagate(s, labels, k, gamma=0.9, method="iterative", tol=1e-6, max_iter=10
 
 def segment_tokens(x, beta=0.6, expansion=2, inflation=2.6, tau=1e-7, eps=1e-3, gamma=0.9,
                    sharpen=1.0, mode="cosine", negatives="clip", use_local=True,
-                   mcl_tol=1e-6, mcl_max_iter=100, method="iterative"):
+                   mcl_tol=1e-6, mcl_max_iter=100, mcl_norm="inf", method="iterative"):
     """The whole of SPARK at token resolution; x [h, w, C] -> (labels [h, w], info dict)."""
     h, w, _ = x.shape
     s = transition_matrix(x, beta, eps, mode, negatives, sharpen, use_local)
-    p, iters, converged = mcl(s, expansion, inflation, tau, mcl_tol, mcl_max_iter)
+    p, iters, converged = mcl(s, expansion, inflation, tau, mcl_tol, mcl_max_iter, mcl_norm)
     coarse, k = clusters(p)
     q, labels, prop_iters = propagate(s, coarse, k, gamma, method)
     info = dict(num_clusters=k, mcl_iterations=iters, mcl_converged=converged,

@@ -1,8 +1,13 @@
 """SPARK on token features: affinity -> Markov-flow clustering -> label propagation.
 
-`segment_tokens` is the whole method at token resolution (Eq. 1-12) as one jittable function;
+`segment_tokens` is the whole method at token resolution (Eq. 1-12) as one jitted program;
 `segment_tokens_batch` is its vmap over images. Both take the config as a pytree, so changing a
 numeric hyperparameter (inflation, beta, ...) does not recompile.
+
+Validation: both check the features' shape and dtype and the config's numeric values on the
+host, then run the jitted program. Called inside a user's own jit/vmap they still check shapes
+(static), but config leaves are tracers there and are skipped, and nothing can raise on data:
+non-finite tokens are segmented as zero vectors and counted (`check_features` rejects them).
 """
 
 from __future__ import annotations
@@ -57,18 +62,49 @@ def num_label_columns(num_tokens: int, cfg: SparkConfig) -> int:
     return num_tokens if cfg.max_clusters is None else min(cfg.max_clusters, num_tokens)
 
 
-def check_features(features: np.ndarray | jax.Array) -> None:
-    """Host-side validation of token features [..., h, w, C]; raises ValueError on bad input.
+_LAYOUTS = {3: "[h, w, C]", 4: "[B, h, w, C]"}
+_RANK_HINTS = {
+    (3, 4): " (a batch: use segment_tokens_batch)",
+    (4, 3): " (one image: add a batch axis, features[None], or use segment_tokens)",
+    (3, 2): " (flattened tokens: reshape them to the token grid [h, w, C])",
+    (4, 2): " (flattened tokens: reshape them to the token grid [B, h, w, C])",
+}
 
-    The jitted functions cannot raise on data, so entry points call this before them.
+
+def check_token_features(features, *, rank: int, fn: str) -> None:
+    """Shape and dtype checks of token features: rank `rank` (3: [h, w, C], 4: [B, h, w, C]),
+    every axis >= 1 (C >= 1 channels), floating dtype. Works on tracers (shapes are static)."""
+    shape = tuple(np.shape(features))
+    layout = _LAYOUTS[rank]
+    if len(shape) != rank:
+        raise ValueError(
+            f"{fn} expects token features {layout}, got shape {shape} (rank {len(shape)})"
+            + _RANK_HINTS.get((rank, len(shape)), "")
+        )
+    if min(shape) == 0:
+        raise ValueError(
+            f"{fn}: token features are empty, shape {shape}; every axis of {layout} must be >= 1 "
+            "(at least one token and one channel)"
+        )
+    dtype = features.dtype if hasattr(features, "dtype") else np.asarray(features).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{fn} expects floating token features, got dtype {dtype}; cast with .astype(np.float32)")
+
+
+def _check_config(cfg, fn: str) -> None:
+    if not isinstance(cfg, SparkConfig):
+        raise TypeError(f"{fn} expects cfg to be a SparkConfig, got {type(cfg).__name__}")
+    cfg.check_values()
+
+
+def check_features(features: np.ndarray | jax.Array) -> None:
+    """Host-side validation of token features [h, w, C] or [B, h, w, C]; raises ValueError on bad input.
+
+    Checks what `segment_tokens` checks (shape, dtype) and, on the host, that every value is finite:
+    the jitted functions cannot raise on data, so entry points that must reject NaN/Inf call this.
     """
     features = np.asarray(features)
-    if features.ndim < 3:
-        raise ValueError(
-            f"token features must have shape [h, w, C] (or [B, h, w, C]), got shape {features.shape}"
-        )
-    if min(features.shape[-3:]) == 0:
-        raise ValueError(f"token features are empty: shape {features.shape}")
+    check_token_features(features, rank=4 if features.ndim >= 4 else 3, fn="check_features")
     bad = ~np.all(np.isfinite(features), axis=-1)
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -79,13 +115,22 @@ def check_features(features: np.ndarray | jax.Array) -> None:
         )
 
 
-@jax.jit
 def segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
     """SPARK at token resolution: features [h, w, C] -> SegmentResult.
 
     Builds S (Eq. 1-4), runs Markov-flow clustering to P* (Eq. 5-8), reads clusters off P*
     (Eq. 9), and propagates them over S (Eq. 10-12).
+
+    Raises:
+      ValueError: features not [h, w, C] with every axis >= 1 and a floating dtype, or a
+        concrete numeric field of `cfg` outside its range (`SparkConfig.check_values`).
     """
+    check_token_features(features, rank=3, fn="segment_tokens")
+    _check_config(cfg, "segment_tokens")
+    return _segment_tokens_jit(features, cfg)
+
+
+def _segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
     h, w, _ = features.shape
     n = h * w
     features, num_nonfinite = finite_tokens(features)
@@ -103,6 +148,7 @@ def segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
         prune_threshold=cfg.prune_threshold,
         tol=cfg.mcl_tol,
         max_iter=cfg.mcl_max_iter,
+        norm=cfg.mcl_norm,
         precision=cfg.precision(),
     )
     clusters = extract_clusters(flow.flow)
@@ -131,7 +177,9 @@ def segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
     )
 
 
-@functools.partial(jax.jit, static_argnames="chunk_size")
+_segment_tokens_jit = jax.jit(_segment_tokens)
+
+
 def segment_tokens_batch(features: jax.Array, cfg: SparkConfig, chunk_size: int | None = None) -> SegmentResult:
     """`segment_tokens` over a batch: features [B, h, w, C] -> SegmentResult with a leading B.
 
@@ -142,7 +190,19 @@ def segment_tokens_batch(features: jax.Array, cfg: SparkConfig, chunk_size: int 
         choice on accelerators. A vmapped `while_loop` runs until its slowest member converges,
         so on a CPU, where batching buys no parallelism, `chunk_size=1` (one image at a time,
         each with its own iteration count) is faster. Results are the same either way.
+
+    Raises:
+      ValueError: as `segment_tokens`, for features [B, h, w, C]; chunk_size not None or an int >= 1.
     """
+    check_token_features(features, rank=4, fn="segment_tokens_batch")
+    _check_config(cfg, "segment_tokens_batch")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"segment_tokens_batch: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    return _segment_tokens_batch_jit(features, cfg, chunk_size=chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames="chunk_size")
+def _segment_tokens_batch_jit(features: jax.Array, cfg: SparkConfig, chunk_size: int | None) -> SegmentResult:
     if chunk_size is None or chunk_size >= features.shape[0]:
-        return jax.vmap(segment_tokens, in_axes=(0, None))(features, cfg)
-    return jax.lax.map(lambda x: segment_tokens(x, cfg), features, batch_size=chunk_size)
+        return jax.vmap(_segment_tokens, in_axes=(0, None))(features, cfg)
+    return jax.lax.map(lambda x: _segment_tokens(x, cfg), features, batch_size=chunk_size)

@@ -8,6 +8,30 @@ silent skip of the parity evidence. Without the torch extra, leave those modules
 """
 
 import jax
+import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", False)
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active, not traces: jax.monitoring's compile-duration
+    event is recorded once per compile request (a persistent-cache hit counts too)."""
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+    def _on_event(self, name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+@pytest.fixture
+def compilations():
+    """`with compilations() as c: ...; c.count` is the number of XLA compilations inside the block."""
+    return CompileCounter
