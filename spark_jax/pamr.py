@@ -31,7 +31,15 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PamrConfig", "pamr", "pamr_affinity", "median_filter_3x3", "refine_labels"]
+__all__ = [
+    "PamrConfig",
+    "pamr",
+    "pamr_affinity",
+    "median_filter_3x3",
+    "refine_labels",
+    "keep_largest_segments",
+    "label_capacity",
+]
 
 # The 8 neighbour directions of a 3x3 window, row-major without the centre (the original module's order).
 _DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -198,11 +206,55 @@ def median_filter_3x3(labels: jax.Array) -> jax.Array:
     return jnp.sort(window, axis=-1)[..., 4]
 
 
+def label_capacity(num_segments: int) -> int:
+    """A static label-slot count for PAMR that holds ``num_segments``: the next power of two, at least 8.
+
+    PAMR's cost and the compiled program follow the slot count, so sizing it from the data (on the host,
+    before the jitted refinement) with power-of-two buckets costs at most 2x the exact count in work and
+    keeps distinct compilations to a handful (8, 16, ..., 1024 for a 32x32 token grid).
+    """
+    if isinstance(num_segments, bool) or not isinstance(num_segments, numbers.Integral) or num_segments < 0:
+        raise ValueError(f"num_segments must be an int >= 0; got {num_segments!r}.")
+    return max(8, 1 << max(int(num_segments) - 1, 0).bit_length())
+
+
+def keep_largest_segments(labels: jax.Array, num_labels: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Maps label ids to at most ``capacity`` slots, keeping the largest segments.
+
+    The ``capacity`` segments with the most pixels keep a slot (equal sizes: the lower id first); slots
+    are numbered in the order of the kept ids, so argmax ties and the order-based median filter behave as
+    on the original ids. Smaller segments, and ids outside ``[0, num_labels)``, map to slot ``capacity``:
+    outside the slots, so ``jax.nn.one_hot`` gives them an all-zero mask and PAMR fills them from their
+    neighbours. With no more segments than slots every segment keeps its own slot.
+
+    Args:
+      labels: int ``[H, W]`` ids in ``[0, num_labels)``.
+      num_labels: static number of ids.
+      capacity: static number of slots (>= 1).
+
+    Returns:
+      ``(slots int32 [H, W] in [0, capacity], slot_ids int32 [capacity])``: ``slot_ids[slots]`` are the
+      input's ids wherever a pixel's segment was kept. Unused slots hold id 0.
+    """
+    ids = jnp.arange(num_labels, dtype=jnp.int32)
+    in_range = (labels >= 0) & (labels < num_labels)
+    sizes = jnp.zeros((num_labels,), jnp.int32).at[jnp.where(in_range, labels, num_labels)].add(1, mode="drop")
+    order = jnp.argsort(-sizes, stable=True)  # ids by decreasing size, lower id first among equals
+    rank = jnp.zeros((num_labels,), jnp.int32).at[order].set(ids)
+    kept = (rank < capacity) & (sizes > 0)
+    slot_of = jnp.where(kept, jnp.cumsum(kept) - 1, capacity).astype(jnp.int32)
+    slot_ids = jnp.zeros((capacity,), jnp.int32).at[slot_of].set(ids, mode="drop")
+    slots = jnp.where(in_range, slot_of[jnp.clip(labels, 0, num_labels - 1)], capacity)
+    return slots.astype(jnp.int32), slot_ids
+
+
 def refine_labels(
     image: jax.Array,
     labels: jax.Array,
     num_labels: int,
     cfg: PamrConfig = PamrConfig(),
+    *,
+    capacity: int | None = None,
 ) -> jax.Array:
     """DiffCut's PAMR post-processing of a label map: one-hot -> PAMR -> argmax -> 3x3 median.
 
@@ -212,13 +264,22 @@ def refine_labels(
     order-preserving, so argmax ties (lowest id wins, as ``torch.argmax``) and the median filter give
     the same partition; the ids returned here are the input's ids.
 
+    PAMR's cost is linear in the number of mask channels. ``capacity`` bounds it independently of
+    ``num_labels``: masks are built for the ``capacity`` largest segments only
+    (``keep_largest_segments``). With no more segments present than ``capacity`` the result is the
+    exact one above; beyond it the smallest segments get no mask and their pixels take the labels
+    PAMR propagates into them from the kept neighbours (a pixel that no kept segment reaches takes
+    the kept segment of the lowest id). Size ``capacity`` from the data with ``label_capacity`` to
+    stay exact.
+
     Args:
       image: ``[H, W, C]`` float image in [0, 1] (the reference resizes the 1024 input bilinearly
         to the mask size).
       labels: int ``[H, W]`` labels in ``[0, num_labels)``. Out-of-range ids get an all-zero mask
         (they cannot be checked under jit); such pixels take their neighbours' labels.
-      num_labels: static number of label slots K.
+      num_labels: static number of label ids K.
       cfg: PAMR settings.
+      capacity: static number of mask channels; None (or >= num_labels) gives every id its own.
 
     Returns:
       int32 ``[H, W]`` refined labels in ``[0, num_labels)``.
@@ -230,7 +291,17 @@ def refine_labels(
         raise ValueError(f"labels must be integers; got dtype {labels.dtype}.")
     if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or num_labels < 1:
         raise ValueError(f"num_labels must be a static int >= 1; got {num_labels!r}.")
-    masks = jax.nn.one_hot(labels, num_labels, dtype=image.dtype)
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral)
+                                 or capacity < 1):
+        raise ValueError(f"capacity must be None or a static int >= 1; got {capacity!r}.")
+    if capacity is None or capacity >= num_labels:
+        return _refine(image, labels, num_labels, cfg)
+    slots, slot_ids = keep_largest_segments(labels, num_labels, capacity)
+    return slot_ids[_refine(image, slots, capacity, cfg)]
+
+
+def _refine(image: jax.Array, labels: jax.Array, num_slots: int, cfg: PamrConfig) -> jax.Array:
+    masks = jax.nn.one_hot(labels, num_slots, dtype=image.dtype)
     refined = pamr(image, masks, num_iter=cfg.num_iter, dilations=cfg.dilations)
     out = jnp.argmax(refined, axis=-1).astype(jnp.int32)
     if cfg.median_filter:

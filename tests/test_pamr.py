@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from spark_jax.markov_flow import relabel_contiguous
-from spark_jax.pamr import PamrConfig, median_filter_3x3, pamr, pamr_affinity, refine_labels
+from spark_jax.pamr import (
+    PamrConfig,
+    keep_largest_segments,
+    label_capacity,
+    median_filter_3x3,
+    pamr,
+    pamr_affinity,
+    refine_labels,
+)
 
 pamr_jit = jax.jit(pamr, static_argnames=("num_iter", "dilations"))
 refine_jit = jax.jit(refine_labels, static_argnums=(2, 3))
@@ -207,6 +215,55 @@ class TestCompactLabels:
         a = refine_jit(jnp.asarray(image), jnp.asarray(sparse), 15, PamrConfig())
         b = refine_jit(jnp.asarray(image), compact, 3, PamrConfig())
         np.testing.assert_array_equal(np.asarray(a), np.array([0, 7, 14])[np.asarray(b)])
+
+
+class TestCapacity:
+    """PAMR's cost follows its mask channels; `capacity` bounds them by keeping the largest segments."""
+
+    @pytest.mark.parametrize("n,slots", [(0, 8), (1, 8), (8, 8), (9, 16), (256, 256), (305, 512), (1024, 1024)])
+    def test_label_capacity_is_the_next_power_of_two_at_least_8(self, n, slots):
+        assert label_capacity(n) == slots
+
+    def test_keep_largest_segments_keeps_sizes_not_ids_and_id_order(self):
+        # Sizes by id: 0 -> 1, 1 -> 3, 2 -> 3, 3 -> 5, 4 -> 0 (absent); capacity 2 keeps 3 (5 px) and,
+        # of the tied 1 and 2 (3 px each), the lower id 1. Kept ids take slots in id order.
+        labels = jnp.asarray(np.array([[0, 1, 1, 1], [2, 2, 2, 3], [3, 3, 3, 3]], np.int32))
+        slots, slot_ids = jax.jit(keep_largest_segments, static_argnums=(1, 2))(labels, 5, 2)
+        np.testing.assert_array_equal(np.asarray(slot_ids), [1, 3])
+        np.testing.assert_array_equal(np.asarray(slots), [[2, 0, 0, 0], [2, 2, 2, 1], [1, 1, 1, 1]])
+
+    def test_capacity_at_least_the_segments_present_is_exact(self):
+        image, labels = _image_and_labels(13, 16, 16, 3)
+        sparse = jnp.asarray(labels * 7)  # ids 0, 7, 14 of 15
+        exact = refine_jit(jnp.asarray(image), sparse, 15, PamrConfig())
+        for capacity in (3, 8):
+            np.testing.assert_array_equal(
+                np.asarray(refine_labels(jnp.asarray(image), sparse, 15, PamrConfig(), capacity=capacity)),
+                np.asarray(exact))
+
+    def test_overflow_keeps_the_largest_segments_whatever_their_ids(self):
+        # Four 12x12 colour quadrants with the HIGH ids 8..11 and eight 2x2 specks with the low ids
+        # 0..7: 12 segments for 4 slots. Keeping by id would keep the specks and drop every quadrant.
+        image = np.zeros((24, 24, 3), np.float32)
+        labels = np.zeros((24, 24), np.int32)
+        for q, (r, c) in enumerate([(0, 0), (0, 12), (12, 0), (12, 12)]):
+            image[r:r + 12, c:c + 12] = np.random.default_rng(q).random(3)
+            labels[r:r + 12, c:c + 12] = 8 + q
+        for s in range(8):
+            r, c = 2 + 12 * (s // 4), 1 + 3 * (s % 4)
+            labels[r:r + 2, c:c + 2] = s
+        out = np.asarray(refine_labels(jnp.asarray(image), jnp.asarray(labels), 12, PamrConfig(), capacity=4))
+        assert set(np.unique(out)) == {8, 9, 10, 11}  # every quadrant survives, no speck displaces one
+        # The same as giving the dropped specks no mask at all (ids outside [0, 12) get none).
+        dropped = np.where(labels < 8, -1, labels)
+        np.testing.assert_array_equal(out, np.asarray(refine_jit(jnp.asarray(image), jnp.asarray(dropped), 12,
+                                                                 PamrConfig())))
+
+    def test_capacity_is_validated(self):
+        with pytest.raises(ValueError, match="capacity"):
+            refine_labels(jnp.zeros((8, 8, 3)), jnp.zeros((8, 8), jnp.int32), 3, capacity=0)
+        with pytest.raises(ValueError, match="num_segments"):
+            label_capacity(-1)
 
 
 class TestRefineLabels:
