@@ -15,6 +15,12 @@ anti-aliasing. ``jax.image.resize(..., 'bilinear')`` anti-aliases when *down*sam
 smaller than the token grid would differ from the reference; the separable interpolation is therefore
 written out as two small ``[out, in]`` matrices contracted with einsum (also the fast way: the
 matrices are constants of the static shapes, and the contraction is two thin matmuls).
+
+Non-finite input never makes a non-finite output or an invalid label: jitted code cannot raise on
+data, and the bilinear weights would spread one NaN token over every pixel it touches. Entries of a
+soft-label map that are NaN/Inf count as 0 (no evidence for any label), and concept assignment treats
+a token holding NaN/Inf as a zero feature vector, as SPARK does (``affinity.finite_tokens``); a
+pixel with no evidence at all takes the lowest valid label id.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spark_jax.affinity import l2_normalize  # torch's F.normalize: ||x|| clamped at 1e-12
+from spark_jax.affinity import finite_tokens, l2_normalize  # l2_normalize: torch's F.normalize
 
 __all__ = [
     "bilinear_matrix",
@@ -110,11 +116,16 @@ def upsample_soft_labels(q: jax.Array, size: tuple[int, int]) -> jax.Array:
         raise ValueError(f"upsample_soft_labels expects a floating map; got dtype {q.dtype}. Cast it first.")
     out_h, out_w = _check_size(size)
     h, w, _ = q.shape
+    q = _finite_or_zero(q)
     rows = jnp.asarray(bilinear_matrix(h, out_h), dtype=q.dtype)
     cols = jnp.asarray(bilinear_matrix(w, out_w), dtype=q.dtype)
     # Rows first: the intermediate [H, w, K] is w/W of the output's size when upsampling.
     t = jnp.einsum("Hh,hwk->Hwk", rows, q, precision=_PRECISION)
     return jnp.einsum("Ww,Hwk->HWk", cols, t, precision=_PRECISION)
+
+
+def _finite_or_zero(q: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(q), q, jnp.zeros((), q.dtype))
 
 
 def labels_from_soft_labels(soft_labels: jax.Array, valid: jax.Array | None = None) -> jax.Array:
@@ -123,11 +134,13 @@ def labels_from_soft_labels(soft_labels: jax.Array, valid: jax.Array | None = No
     Args:
       soft_labels: ``[..., K]`` scores or soft labels.
       valid: optional bool ``[K]``; channels marked False never win (a pixel whose channels are all
-        invalid gets label 0).
+        invalid gets label 0). NaN scores never win either.
 
     Returns:
       int32 ``[...]`` labels in ``[0, K)``.
     """
+    # jnp.argmax would pick a NaN as the maximum.
+    soft_labels = jnp.where(jnp.isnan(soft_labels), -jnp.inf, soft_labels)
     if valid is not None:
         if valid.shape != soft_labels.shape[-1:]:
             raise ValueError(f"valid must have shape [K] = {soft_labels.shape[-1:]}; got {valid.shape}.")
@@ -169,6 +182,7 @@ def upsample_labels(
         rows_per_chunk = max(1, min(out_h, _CHUNK_ELEMENTS // max(1, out_w * k)))
     if rows_per_chunk < 1:
         raise ValueError(f"rows_per_chunk must be >= 1; got {rows_per_chunk}.")
+    q = _finite_or_zero(q)
     rows = jnp.asarray(bilinear_matrix(h, out_h), dtype=q.dtype)
     cols = jnp.asarray(bilinear_matrix(w, out_w), dtype=q.dtype)
     if rows_per_chunk >= out_h:
@@ -190,8 +204,10 @@ def _token_scores(features: jax.Array, labels: jax.Array, num_labels: int) -> tu
     """
     _check_concept_inputs(features, labels, num_labels)
     h, w, c = features.shape
-    # DiffCut casts the (float16) UNet features to float32 before anything else; so do we.
-    x = l2_normalize(features.reshape(h * w, c).astype(jnp.promote_types(features.dtype, jnp.float32)))
+    # DiffCut casts the (float16) UNet features to float32 before anything else; so do we. Non-finite
+    # tokens become zero vectors (score 0 for every segment), as in SPARK.
+    x, _ = finite_tokens(features.reshape(h * w, c))
+    x = l2_normalize(x)
     onehot = jax.nn.one_hot(labels.reshape(h * w), num_labels, dtype=x.dtype)  # [N, K]
     counts = jnp.sum(onehot, axis=0)  # [K]
     means = jnp.einsum("nk,nc->kc", onehot, x, precision=_PRECISION) / (counts[:, None] + _MASK_POOL_EPS)

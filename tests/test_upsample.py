@@ -268,3 +268,53 @@ class TestConceptAssignment:
     def test_rejects_bad_input(self, feats_shape, labels_shape, labels_dtype, num_labels, match):
         with pytest.raises(ValueError, match=match):
             concept_assignment(jnp.zeros(feats_shape), jnp.zeros(labels_shape, labels_dtype), num_labels, (16, 16))
+
+
+class TestNonFiniteInput:
+    """Jitted code cannot raise on data: a NaN/Inf token never gives a NaN output or an invalid label."""
+
+    @pytest.mark.parametrize("bad", [np.nan, np.inf])
+    def test_concept_assignment_treats_a_nonfinite_token_as_a_zero_vector(self, bad):
+        feats, labels = _planted(6, 8, 8, 16, 4)
+        poisoned, zeroed = feats.copy(), feats.copy()
+        poisoned[3, 5, 2] = bad
+        zeroed[3, 5, :] = 0.0
+        args = (jnp.asarray(labels), 6, (20, 20))
+        scores, _ = concept_scores(jnp.asarray(poisoned), *args)
+        chex.assert_tree_all_finite(scores)
+        np.testing.assert_array_equal(np.asarray(scores), np.asarray(concept_scores(jnp.asarray(zeroed), *args)[0]))
+        np.testing.assert_array_equal(np.asarray(concept_assignment(jnp.asarray(poisoned), *args)),
+                                      np.asarray(concept_assignment(jnp.asarray(zeroed), *args)))
+
+    @pytest.mark.parametrize("rows_per_chunk", [None, 3])
+    def test_an_all_nan_image_gets_a_present_label_everywhere(self, rows_per_chunk):
+        labels = np.zeros((8, 8), np.int32)
+        labels[4:] = 2  # ids 0 and 2 present, 1 and 3 empty
+        out = concept_assignment(jnp.full((8, 8, 16), jnp.nan), jnp.asarray(labels), 4, (20, 20),
+                                 rows_per_chunk=rows_per_chunk)
+        # No evidence anywhere: every score is 0, the lowest present id wins (never an empty slot).
+        np.testing.assert_array_equal(np.asarray(out), 0)
+
+    @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+    def test_soft_label_upsampling_counts_a_nonfinite_entry_as_zero(self, bad):
+        q = np.random.default_rng(7).random((6, 6, 3)).astype(np.float32)
+        poisoned, zeroed = q.copy(), q.copy()
+        poisoned[2, 2, 1], zeroed[2, 2, 1] = bad, 0.0
+        up = upsample_soft_labels(jnp.asarray(poisoned), (24, 24))
+        chex.assert_tree_all_finite(up)
+        np.testing.assert_array_equal(np.asarray(up), np.asarray(upsample_soft_labels(jnp.asarray(zeroed), (24, 24))))
+        for rows in (None, 5):
+            np.testing.assert_array_equal(
+                np.asarray(upsample_labels(jnp.asarray(poisoned), (24, 24), rows_per_chunk=rows)),
+                np.asarray(upsample_labels(jnp.asarray(zeroed), (24, 24), rows_per_chunk=rows)))
+
+    def test_an_all_nan_soft_label_map_gives_finite_zeros_and_label_zero(self):
+        q = jnp.full((4, 4, 3), jnp.nan)
+        np.testing.assert_array_equal(np.asarray(upsample_soft_labels(q, (8, 8))), 0.0)
+        np.testing.assert_array_equal(np.asarray(upsample_labels(q, (8, 8))), 0)
+        valid = jnp.array([False, True, True])
+        np.testing.assert_array_equal(np.asarray(upsample_labels(q, (8, 8), valid=valid)), 1)
+
+    def test_a_nan_score_never_wins_the_argmax(self):
+        scores = jnp.array([[0.2, jnp.nan, 0.1], [jnp.nan, jnp.nan, -1.0]])
+        np.testing.assert_array_equal(np.asarray(labels_from_soft_labels(scores)), [0, 2])
