@@ -111,7 +111,9 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_images(images, *, fn: str = "segment") -> None:
+def check_images(
+    images, *, fn: str = "segment", fix: str = "divide 0..255 values by 255 or pass them as uint8"
+) -> None:
     """What `segment` (like `Backbone.extract_features`) accepts: [B, H, W, 3] RGB, uint8 in
     [0, 255] or floating in [0, 1]. Other dtypes and out-of-range (or NaN) floats are refused,
     never rescaled; the range is checked on the host when the values are concrete."""
@@ -132,10 +134,8 @@ def check_images(images, *, fn: str = "segment") -> None:
         xp = np if isinstance(images, np.ndarray) else jnp
         lo, hi = float(xp.min(images)), float(xp.max(images))
         if not (lo >= 0.0 and hi <= 1.0):  # NaN fails both
-            raise ValueError(
-                f"{fn} expects floating images in [0, 1], got {dtype} values in [{lo:g}, {hi:g}] (NaN/Inf "
-                "if nan or inf); divide 0..255 values by 255 or pass them as uint8"
-            )
+            got = f"values in [{lo:g}, {hi:g}]" if np.isfinite(lo) and np.isfinite(hi) else "NaN/Inf values"
+            raise ValueError(f"{fn} expects floating images in [0, 1], got {dtype} {got}; {fix}")
 
 
 def _num_segments(labels: jax.Array, num_labels: int) -> jax.Array:
@@ -183,7 +183,7 @@ def _check_pipeline_inputs(features, images, cfg, fn: str) -> None:
         )
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"{fn} expects prepared float images in [0, 1] (preprocess.prepare_image), got {images.dtype}")
-    check_images(images, fn=fn)
+    check_images(images, fn=fn, fix="prepare them with preprocess.prepare_image")
     cfg.spark.check_values()
 
 
