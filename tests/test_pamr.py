@@ -28,7 +28,7 @@ from spark_jax.pamr import (
 )
 
 pamr_jit = jax.jit(pamr, static_argnames=("num_iter", "dilations"))
-refine_jit = jax.jit(refine_labels, static_argnums=(2, 3))
+refine_jit = jax.jit(refine_labels, static_argnums=(2, 3), static_argnames="capacity")
 
 DIRS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 WINDOW = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
@@ -238,7 +238,7 @@ class TestCapacity:
         exact = refine_jit(jnp.asarray(image), sparse, 15, PamrConfig())
         for capacity in (3, 8):
             np.testing.assert_array_equal(
-                np.asarray(refine_labels(jnp.asarray(image), sparse, 15, PamrConfig(), capacity=capacity)),
+                np.asarray(refine_jit(jnp.asarray(image), sparse, 15, PamrConfig(), capacity=capacity)),
                 np.asarray(exact))
 
     def test_overflow_keeps_the_largest_segments_whatever_their_ids(self):
@@ -252,7 +252,7 @@ class TestCapacity:
         for s in range(8):
             r, c = 2 + 12 * (s // 4), 1 + 3 * (s % 4)
             labels[r:r + 2, c:c + 2] = s
-        out = np.asarray(refine_labels(jnp.asarray(image), jnp.asarray(labels), 12, PamrConfig(), capacity=4))
+        out = np.asarray(refine_jit(jnp.asarray(image), jnp.asarray(labels), 12, PamrConfig(), capacity=4))
         assert set(np.unique(out)) == {8, 9, 10, 11}  # every quadrant survives, no speck displaces one
         # The same as giving the dropped specks no mask at all (ids outside [0, 12) get none).
         dropped = np.where(labels < 8, -1, labels)
