@@ -57,7 +57,7 @@ from spark_jax.evaluation import PROTOCOLS, Evaluator, LabelSpace, protocol_labe
 from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
 from spark_jax.kmeans import KMeansConfig, kmeans_tokens
 from spark_jax.ncut import NCutConfig, recursive_ncut_batch
-from spark_jax.pamr import PamrConfig, refine_labels
+from spark_jax.pamr import PamrConfig, label_capacity, refine_labels
 from spark_jax.pipeline import PipelineConfig, segment_features
 from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
 from spark_jax.preprocess import prepare_image, prepare_label, resize_bilinear
@@ -756,10 +756,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _bucket(n: int) -> int:
-    """Static label-slot count for PAMR: the next power of two >= n (few distinct compilations)."""
-    return max(8, 1 << int(np.ceil(np.log2(max(n, 1)))))
-
 
 def _progress(total: int, done: int, quiet: bool, desc: str):
     """The run's progress bar (images/s and ETA from tqdm; the running mIoU as its postfix)."""
@@ -978,7 +974,8 @@ def run(
                     def refine(p, image_small=image_small):
                         p = _contiguous(p)
                         k = int(p.max()) + 1
-                        out_ = _refine_jit(image_small, jnp.asarray(p, jnp.int32), _bucket(k), cfg.pamr_config)
+                        out_ = _refine_jit(image_small, jnp.asarray(p, jnp.int32), label_capacity(k),
+                                           cfg.pamr_config)
                         return np.asarray(out_)
 
                 rec: dict[str, Any] = {"id": s.image_id, "index": int(i), "clustering_seconds": per_image_seconds,
