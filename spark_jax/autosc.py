@@ -14,18 +14,23 @@ eigenvectors of D^-1/2 (D - W) D^-1/2.
 
 Conventions of DiffCut's released code (`autosc.py`) kept here: the exponents (1, 5, 10, 15),
 the 1e-6 in the gap's denominator, the cumulative mean including lambda_i itself, ties between
-exponents going to the first one, and the embedding D^-1/2 U_k (not row-normalised). One
-departure, selectable: the released code clusters the eigenvectors of the *last* exponent
-whatever exponent won (the variable holding the winner's eigenvectors is overwritten by the
-loop); `AutoSCConfig.embed_with_last_alpha=True` reproduces that, the default uses the winner's.
+exponents going to the first one, the embedding D^-1/2 U_k (not row-normalised), and the
+numbering of clusters by their QR column (the released code numbers the argmax columns present
+in ascending order). The defaults are the released code's behaviour, which clusters the
+eigenvectors of the *last* exponent whatever exponent won (the variable holding the winner's
+eigenvectors is overwritten by the loop) and caps nothing; `embed_with_last_alpha=False` is the
+correction (the winner's eigenvectors), `max_clusters` an optional cap.
 
-Static shapes: k is data dependent, so the embedding keeps `max_clusters` columns and masks
-the unused ones; a k above `max_clusters` is clipped and reported.
+Static shapes: k is data dependent, so the embedding keeps `max_clusters` columns (all N by
+default) and masks the unused ones; a k above `max_clusters` is clipped and reported. The
+QR-pivoting discretisation runs at the smallest of 8, 16, 32, ... columns that holds k
+(`lax.switch`), so a wide embedding costs nothing when k is small.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -33,9 +38,11 @@ import jax.numpy as jnp
 
 from spark_jax.affinity import global_affinity
 from spark_jax.affinity import finite_tokens
-from spark_jax.ncut import canonical_labels
+from spark_jax.markov_flow import relabel_contiguous
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Static widths of the QR-pivoting discretisation (powers of 2 from 8; the embedding's width last).
+_QR_SIZES = tuple(2**p for p in range(3, 15))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,25 +53,31 @@ class AutoSCConfig:
 
     Attributes:
       alphas: exponents tried on the min-max cosine affinity. DiffCut: (1, 5, 10, 15).
-      max_clusters: static bound on k (the embedding's width). A larger eigengap index is
-        clipped to it and `AutoSCResult.truncated` is set.
+      max_clusters: static bound on k (the embedding's width). None (default, the released
+        code's behaviour): the token count, no cap. An int is a cap (a departure from DiffCut):
+        a larger eigengap index is clipped to it and `AutoSCResult.truncated` is set.
       gap_eps: the constant in the relative gap's denominator. DiffCut: 1e-6.
-      embed_with_last_alpha: reproduce the released code, which clusters the eigenvectors of
-        the last exponent in `alphas` rather than those of the selected one.
+      embed_with_last_alpha: True (default) is the released code's behaviour: it clusters the
+        eigenvectors of the last exponent in `alphas`, whichever exponent the eigengap selected.
+        False is the correction: the selected exponent's eigenvectors.
     """
 
     alphas: tuple[float, ...] = (1.0, 5.0, 10.0, 15.0)
-    max_clusters: int = 64
+    max_clusters: int | None = None
     gap_eps: float = 1e-6
-    embed_with_last_alpha: bool = False
+    embed_with_last_alpha: bool = True
 
     def __post_init__(self):
         if not isinstance(self.alphas, tuple) or not self.alphas:
             raise ValueError(f"alphas must be a non-empty tuple of exponents, got {self.alphas!r}")
         if any(not a > 0 for a in self.alphas):
             raise ValueError(f"every alpha must be > 0, got {self.alphas!r}")
-        if not isinstance(self.max_clusters, int) or self.max_clusters < 1:
-            raise ValueError(f"max_clusters must be an int >= 1, got {self.max_clusters!r}")
+        if self.max_clusters is not None and (
+            not isinstance(self.max_clusters, int) or self.max_clusters < 1
+        ):
+            raise ValueError(
+                f"max_clusters must be None or an int >= 1, got {self.max_clusters!r}"
+            )
 
     def replace(self, **changes) -> AutoSCConfig:
         return dataclasses.replace(self, **changes)
@@ -81,7 +94,8 @@ class AutoSCResult(NamedTuple):
     """AutoSC's token-level segmentation (add a leading batch axis when batched).
 
     Attributes:
-      labels: int32 [h, w], clusters numbered 0..L-1 in raster order of first occurrence.
+      labels: int32 [h, w], clusters numbered 0..L-1 in the order of their QR column (the
+        released code's numbering).
       num_clusters: int32 [], k, the cluster count chosen by the eigengap (after clipping).
       num_segments: int32 [], L, distinct labels (k-way clustering may leave a cluster empty).
       alpha: float32 [], the selected exponent.
@@ -135,11 +149,20 @@ def cluster_qr(vectors: jax.Array, k: jax.Array | int) -> jax.Array:
       k: number of clusters, 1 <= k <= K (may be traced).
 
     Returns:
-      int32 [N] labels in [0, k).
+      int32 [N] labels in [0, k): the index of each token's column.
     """
-    n, width = vectors.shape
-    col_used = jnp.arange(width) < k
-    v = jnp.where(col_used[None, :], vectors, 0.0)
+    width = vectors.shape[1]
+    sizes = [size for size in _QR_SIZES if size < width] + [width]
+    branches = [functools.partial(_cluster_qr_at, size=size) for size in sizes]
+    branch = jnp.searchsorted(jnp.asarray(sizes[:-1], jnp.int32), k) if len(sizes) > 1 else 0
+    return jax.lax.switch(branch, branches, vectors, k)
+
+
+def _cluster_qr_at(vectors: jax.Array, k: jax.Array | int, size: int) -> jax.Array:
+    """`cluster_qr` on the first `size` >= k columns of the embedding (static size)."""
+    v = vectors[:, :size]
+    col_used = jnp.arange(size) < k
+    v = jnp.where(col_used[None, :], v, 0.0)
 
     def pick(j, carry):
         residual, pivots = carry
@@ -150,10 +173,11 @@ def cluster_qr(vectors: jax.Array, k: jax.Array | int) -> jax.Array:
         residual = residual - jnp.matmul(residual, q, precision=_HIGHEST)[:, None] * q[None, :]
         return residual, pivots.at[j].set(p)
 
-    _, pivots = jax.lax.fori_loop(0, width, pick, (v, jnp.zeros((width,), jnp.int32)))
+    # Only the first k pivots are used (the rest of the block is the identity).
+    _, pivots = jax.lax.fori_loop(0, k, pick, (v, jnp.zeros((size,), jnp.int32)))
     # Block [[X_k, 0], [0, I]]: its polar factor is [[polar(X_k), 0], [0, I]].
     used = col_used[:, None] & col_used[None, :]
-    block = jnp.where(used, v[pivots, :].T, jnp.eye(width, dtype=v.dtype))
+    block = jnp.where(used, v[pivots, :].T, jnp.eye(size, dtype=v.dtype))
     u, _, vh = jnp.linalg.svd(block)
     rotated = jnp.abs(jnp.matmul(v, jnp.matmul(u, vh, precision=_HIGHEST), precision=_HIGHEST))
     return jnp.argmax(jnp.where(col_used[None, :], rotated, -1.0), axis=1).astype(jnp.int32)
@@ -163,10 +187,11 @@ def autosc_affinity(w: jax.Array, cfg: AutoSCConfig) -> tuple[jax.Array, ...]:
     """AutoSC on the min-max cosine affinity W [N, N] (before any power).
 
     Returns:
-      (labels int32 [N] canonical, k, num_segments, selected alpha, eigengap, truncated).
+      (labels int32 [N] numbered by QR column, k, num_segments, selected alpha, eigengap,
+      truncated).
     """
     n = w.shape[0]
-    width = min(cfg.max_clusters, n)
+    width = n if cfg.max_clusters is None else min(cfg.max_clusters, n)
     best_gap = jnp.float32(-jnp.inf)
     best_k = jnp.int32(1)
     best_alpha = jnp.float32(cfg.alphas[0])
@@ -184,9 +209,7 @@ def autosc_affinity(w: jax.Array, cfg: AutoSCConfig) -> tuple[jax.Array, ...]:
     # gap_0 = 0 always; k = 0 only for a flat spectrum, which is one cluster.
     truncated = best_k > width
     k = jnp.clip(best_k, 1, width)
-    labels = cluster_qr(best_vectors, k)
-    labels = canonical_labels(labels, width)
-    num_segments = jnp.max(labels) + 1
+    labels, num_segments = relabel_contiguous(cluster_qr(best_vectors, k), width)
     return labels, k, num_segments, best_alpha, best_gap, truncated
 
 
@@ -220,7 +243,11 @@ def autosc(features: jax.Array, cfg: AutoSCConfig) -> AutoSCResult:
 
 @jax.jit
 def autosc_batch(features: jax.Array, cfg: AutoSCConfig) -> AutoSCResult:
-    """`autosc` over a batch: features [B, h, w, C] -> AutoSCResult with a leading B."""
+    """`autosc` over a batch: features [B, h, w, C] -> AutoSCResult with a leading B.
+
+    Images run one after the other (`lax.map`): under vmap the discretisation's width-bucket
+    `lax.switch` would evaluate every branch, the full-width one included.
+    """
     if features.ndim != 4:
         raise ValueError(f"autosc_batch takes features [B, h, w, C], got shape {features.shape}")
-    return jax.vmap(autosc, in_axes=(0, None))(features, cfg)
+    return jax.lax.map(lambda x: autosc(x, cfg), features)

@@ -22,19 +22,29 @@ MIT licence), which the paper leaves implicit:
 * Recursion: a segment is split when its best NCut < tau, and both sides are then cut in turn;
   a segment with the best NCut >= tau, or with fewer than two tokens, is a final segment.
 
-Static shapes: segments are integer ids on the token grid; a FIFO work list of segment ids is
-driven by `lax.while_loop`, one eigendecomposition per segment visited (2L - 1 in total for L
-final segments). A segment's eigenproblem has a static size: the segment's tokens are gathered
-into the smallest of 64, 128, 256, ... slots that holds them (the full N for the largest
-segments; `lax.switch` runs only that branch outside vmap), and the unused slots are decoupled
-onto an identity block of eigenvalue 4 (the normalised Laplacian's spectrum lies in [0, 2]), so
-the two smallest eigenvalues are the segment's own. The work list visits segments
-breadth first; the partition does not depend on the order, except when `max_segments` stops
-the recursion early (then coarse splits are all made before finer ones, and
-`NCutResult.truncated` is set).
+Static shapes: every node of the recursion tree (the root, then both sides of every accepted split)
+gets a slot in visiting order; a token carries the slot of the node holding it, and
+`lax.while_loop` visits the slots in order (breadth first), one eigendecomposition per node
+visited (2L - 1 in total for L final segments). A segment's eigenproblem has a static size: the
+segment's tokens are gathered into the smallest of 64, 128, 256, ... slots that holds them (the
+full N for the largest segments; `lax.switch` runs only that branch outside vmap), and the unused
+slots are decoupled onto an identity block of eigenvalue 4 (the normalised Laplacian's spectrum
+lies in [0, 2]), so the two smallest eigenvalues are the segment's own. The partition does not
+depend on the visiting order, except when `max_segments` stops the recursion early (then coarse
+splits are all made before finer ones, and `NCutResult.truncated` is set).
 
-Output labels are canonical: segments are numbered 0..L-1 in the raster order of their first
-token, so two runs that find the same partition return identical label maps.
+Segment numbering is the released code's. It recurses depth first, {y > t} side first, appends
+the {y > t} side of every accepted split to a list, and its cluster assembly gives each token the
+code sum_k v_k [token in side k], v_1 = 1, v_{k+1} = (largest code so far) + 1; segments are
+numbered by ascending code. Since v_k exceeds every earlier code, codes compare by the last side
+that holds one token but not the other, so the numbering is a function of the tree alone: a split
+node numbers its leaves [the leaf reached through {y <= t} sides only] + [its {y > t} subtree's
+leaves in their own order] + [the rest of its {y <= t} subtree's leaves]. `segment_codes='exact'`
+(default) numbers segments so, with the codes taken exactly; `'float32'` replays the released
+assembly in float32, whose codes roughly double per cut: after ~40 cuts distinct segments share a
+code and are merged, and once the codes overflow (inf * 0 = NaN) the released code returns one
+segment. The Hungarian matching of the evaluation breaks ties by label order, so the numbering
+moves mIoU slightly (0.1-0.5 points on Cityscapes-like data).
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ import jax.numpy as jnp
 from spark_jax.affinity import finite_tokens, global_affinity
 
 Eigensolver = Literal["eigh", "lobpcg"]
+SegmentCodes = Literal["exact", "float32"]
 
 # Eigenvalue given to the decoupled out-of-segment block; above the normalised Laplacian's
 # spectrum [0, 2], so the segment's eigenpairs are the smallest ones.
@@ -78,34 +89,42 @@ class NCutConfig:
       alpha: elementwise power of the min-max-rescaled cosine affinity (Eq. 3). Paper: 10.
       threshold_scale: the candidate thresholds span [s min(y), s max(y)]; released code: 0.99.
       num_thresholds: number of candidate splitting points ("l" of Sec. 3.2). Released code: 100.
-      max_segments: static bound on the number of final segments (DiffCut has none). The loop's
-        length is set by the data (2L - 1 eigendecompositions for L segments), so the bound
-        costs nothing until reached; it caps the worst-case run time (2 * max_segments - 1
-        eigensolves) and fixes the width of per-segment arrays downstream (the runner's concept
-        assignment). When reached, segments still waiting to be cut stay whole and `truncated`
-        is set. None bounds it by the token count only: exactly DiffCut's unbounded recursion.
+      max_segments: static bound on the number of final segments. None (default, the released
+        code's behaviour) bounds it by the token count only: DiffCut's unbounded recursion. An
+        int is a cap (a departure from DiffCut): it bounds the worst-case run time
+        (2 * max_segments - 1 eigensolves) and the width of per-segment arrays downstream (the
+        runner's concept assignment); when reached, segments still waiting to be cut stay whole
+        and `truncated` is set. The loop's length is set by the data (2L - 1 eigendecompositions
+        for L segments), so the bound costs nothing until reached.
       eigensolver: 'eigh' (dense symmetric eigendecomposition, exact; the released code's
         choice) or 'lobpcg' (block LOBPCG on the deflated normalised affinity for segments of
         more than 256 tokens, matrix-vector products only: much cheaper at N = 4096; smaller
         segments still use a dense eigh. Iterative, so a split whose two best candidate cuts
         are nearly tied may differ from 'eigh'). Needs N > 20 tokens.
       lobpcg_iterations: iteration cap of the 'lobpcg' solver.
-      exclude_zero_affinity_nodes: reproduce a quirk of the released code. Below the first
-        level it finds a segment's tokens as the rows of the masked affinity without an exact
-        zero, which also drops every token whose affinity row holds an exact 0 anywhere (always
-        the least-similar pair, whose min-max value is 0, plus any underflow of the power).
-        Those tokens then skip every further eigenproblem and stay on the {y <= t} side of
-        each cut of their segment. False (default) follows Algorithm 1 as published.
+      exclude_zero_affinity_nodes: True (default) is the released code's behaviour. Below the
+        first level it finds a segment's tokens as the rows of the masked affinity without an
+        exact zero, which also drops every token whose affinity row holds an exact 0 anywhere
+        (always the least-similar pair, whose min-max value is 0, plus any underflow of the
+        power). Those tokens then skip every further eigenproblem and stay on the {y <= t} side
+        of each cut of their segment. False is the correction: Algorithm 1 as published, every
+        token of a segment takes part in its cut.
+      segment_codes: how final segments are numbered (module docstring). 'exact' (default): the
+        released code's numbering, with its codes computed exactly. 'float32': the released
+        code's float32 codes, collisions included (distinct segments merged after ~40 cuts, one
+        segment after overflow), to reproduce its published numbers; `num_labels` then counts
+        the segments left after merging.
     """
 
     tau: float = 0.5
     alpha: float = 10.0
     threshold_scale: float = 0.99
     num_thresholds: int = 100
-    max_segments: int | None = 64
+    max_segments: int | None = None
     eigensolver: Eigensolver = "eigh"
     lobpcg_iterations: int = 200
-    exclude_zero_affinity_nodes: bool = False
+    exclude_zero_affinity_nodes: bool = True
+    segment_codes: SegmentCodes = "exact"
 
     def __post_init__(self):
         # Only static fields are checked here: the numeric ones may be tracers.
@@ -122,6 +141,10 @@ class NCutConfig:
         if not isinstance(self.lobpcg_iterations, int) or self.lobpcg_iterations < 1:
             raise ValueError(
                 f"lobpcg_iterations must be an int >= 1, got {self.lobpcg_iterations!r}"
+            )
+        if self.segment_codes not in ("exact", "float32"):
+            raise ValueError(
+                f"segment_codes must be 'exact' or 'float32', got {self.segment_codes!r}"
             )
 
     def replace(self, **changes) -> NCutConfig:
@@ -149,6 +172,7 @@ jax.tree_util.register_dataclass(
         "eigensolver",
         "lobpcg_iterations",
         "exclude_zero_affinity_nodes",
+        "segment_codes",
     ],
 )
 
@@ -157,8 +181,11 @@ class NCutResult(NamedTuple):
     """Recursive NCut's token-level segmentation (add a leading batch axis when batched).
 
     Attributes:
-      labels: int32 [h, w], final segments numbered 0..L-1 in raster order of first occurrence.
-      num_segments: int32 [], L.
+      labels: int32 [h, w], final segments numbered 0..L-1 as the released code numbers them
+        (see `NCutConfig.segment_codes`).
+      num_segments: int32 [], L, final segments of the recursion.
+      num_labels: int32 [], distinct labels: L, or fewer where `segment_codes='float32'` merged
+        segments whose codes collided.
       num_eigensolves: int32 [], segments visited (one eigendecomposition each), 2L - 1 unless
         truncated.
       truncated: bool [], True when `max_segments` stopped the recursion with segments still
@@ -169,6 +196,7 @@ class NCutResult(NamedTuple):
 
     labels: jax.Array
     num_segments: jax.Array
+    num_labels: jax.Array
     num_eigensolves: jax.Array
     truncated: jax.Array
     num_nonfinite_tokens: jax.Array
@@ -338,12 +366,10 @@ def best_bipartition(
 
 
 class _LoopState(NamedTuple):
-    segment: jax.Array  # int32 [N], segment id of every token
-    queue: jax.Array  # int32 [Q], FIFO of segment ids waiting to be cut
-    head: jax.Array  # int32 [], next queue slot to read
-    tail: jax.Array  # int32 [], next queue slot to write
-    num_segments: jax.Array  # int32 []
-    num_solves: jax.Array  # int32 []
+    node: jax.Array  # int32 [N], slot of the tree node holding each token
+    pos_child: jax.Array  # int32 [S], slot of each node's {y > t} child ({y <= t}: one less); -1: leaf
+    head: jax.Array  # int32 [], next node to visit (= eigensolves so far)
+    tail: jax.Array  # int32 [], nodes created
 
 
 def recursive_ncut_affinity(w: jax.Array, cfg: NCutConfig) -> NCutResult:
@@ -351,29 +377,31 @@ def recursive_ncut_affinity(w: jax.Array, cfg: NCutConfig) -> NCutResult:
 
     Args:
       w: affinity [N, N], symmetric, non-negative (DiffCut's Eq. 3 for `recursive_ncut`).
-      cfg: tau, the threshold grid, the segment bound and the solver (`alpha` is not used:
-        W is taken as given).
+      cfg: tau, the threshold grid, the segment bound, the solver and the numbering (`alpha` is
+        not used: W is taken as given).
 
     Returns:
-      NCutResult with flat labels int32 [N] (canonical, 0..L-1).
+      NCutResult with flat labels int32 [N], numbered as the released code numbers them.
     """
     n = w.shape[0]
     w = w.astype(jnp.float32)
     max_segments = n if cfg.max_segments is None else min(cfg.max_segments, n)
-    capacity = 2 * max_segments
+    num_slots = 2 * max_segments - 1  # nodes of a tree with max_segments leaves
     if cfg.exclude_zero_affinity_nodes:
         zero_row = jnp.any(w == 0, axis=1)
     else:
         zero_row = jnp.zeros((n,), bool)
 
+    def num_segments(state: _LoopState) -> jax.Array:
+        return (state.tail + 1) // 2
+
     def cond(state: _LoopState):
-        return (state.head < state.tail) & (state.num_segments < max_segments)
+        return (state.head < state.tail) & (num_segments(state) < max_segments)
 
     def body(state: _LoopState) -> _LoopState:
-        seg_id = state.queue[state.head]
-        in_segment = state.segment == seg_id
-        # The released code drops zero-row tokens from every eigenproblem after the first one.
-        active = in_segment & ~(zero_row & (state.num_solves > 0))
+        in_segment = state.node == state.head
+        # The released code drops zero-row tokens from every eigenproblem below the root.
+        active = in_segment & ~(zero_row & (state.head > 0))
         cut = best_bipartition(
             w,
             active,
@@ -383,50 +411,108 @@ def recursive_ncut_affinity(w: jax.Array, cfg: NCutConfig) -> NCutResult:
             lobpcg_iterations=cfg.lobpcg_iterations,
         )
         split = cut.ncut < cfg.tau
-        new_id = state.num_segments
-        segment = jnp.where(split & cut.side, new_id, state.segment)
-        # On a split both sides go to the back of the queue (breadth first).
-        # (tail + 1 < capacity always holds while the loop runs: tail = 2 num_segments - 1.)
-        queue = state.queue.at[state.tail].set(jnp.where(split, seg_id, state.queue[state.tail]))
-        queue = queue.at[state.tail + 1].set(jnp.where(split, new_id, queue[state.tail + 1]))
+        # Children {y <= t} -> slot tail, {y > t} -> tail + 1 (tail + 1 < num_slots while the
+        # loop runs: tail = 2 L - 1 with L < max_segments).
+        child = jnp.where(cut.side, state.tail + 1, state.tail)
         return _LoopState(
-            segment=segment,
-            queue=queue,
+            node=jnp.where(split & in_segment, child, state.node),
+            pos_child=state.pos_child.at[state.head].set(jnp.where(split, state.tail + 1, -1)),
             head=state.head + 1,
             tail=state.tail + 2 * split.astype(jnp.int32),
-            num_segments=state.num_segments + split.astype(jnp.int32),
-            num_solves=state.num_solves + 1,
         )
 
     init = _LoopState(
-        segment=jnp.zeros((n,), jnp.int32),
-        queue=jnp.zeros((capacity,), jnp.int32),
+        node=jnp.zeros((n,), jnp.int32),
+        pos_child=jnp.full((num_slots,), -1, jnp.int32),
         head=jnp.int32(0),
         tail=jnp.int32(1),
-        num_segments=jnp.int32(1),
-        num_solves=jnp.int32(0),
     )
     final = jax.lax.while_loop(cond, body, init)
+    labels = released_segment_labels(final.node, final.pos_child, final.tail, cfg.segment_codes)
+    present = jnp.zeros((max_segments,), bool).at[labels].set(True)
     return NCutResult(
-        labels=canonical_labels(final.segment, max_segments),
-        num_segments=final.num_segments,
-        num_eigensolves=final.num_solves,
-        # Segments left in the queue once every token is its own segment can't be cut anyway.
-        truncated=(final.head < final.tail) & (final.num_segments < n),
+        labels=labels,
+        num_segments=num_segments(final),
+        num_labels=jnp.sum(present).astype(jnp.int32),
+        num_eigensolves=final.head,
+        # Segments left unvisited once every token is its own segment can't be cut anyway.
+        truncated=(final.head < final.tail) & (num_segments(final) < n),
         num_nonfinite_tokens=jnp.int32(0),
     )
 
 
-def canonical_labels(labels: jax.Array, max_labels: int) -> jax.Array:
-    """Renumbers labels int32 [N] in [0, max_labels) to 0..L-1 by raster order of first token."""
-    n = labels.shape[0]
-    first = jax.ops.segment_min(jnp.arange(n), labels, num_segments=max_labels)  # n+ if absent
-    present = first < n
-    order = jnp.argsort(jnp.where(present, first, n + jnp.arange(max_labels)))
-    rank = jnp.zeros((max_labels,), jnp.int32).at[order].set(
-        jnp.arange(max_labels, dtype=jnp.int32)
+def released_segment_labels(
+    node: jax.Array,
+    pos_child: jax.Array,
+    num_nodes: jax.Array | int,
+    segment_codes: SegmentCodes = "exact",
+) -> jax.Array:
+    """Labels of the leaves of a recursion tree, numbered as DiffCut's released code numbers them.
+
+    Args:
+      node: int32 [N], the leaf slot holding each token.
+      pos_child: int32 [S], per slot the slot of its {y > t} child (its {y <= t} child is the slot
+        before), -1 for leaves and unused slots. Children have higher slots than their parent.
+      num_nodes: int32 [], slots in use (0..num_nodes-1; slot 0 is the root).
+      segment_codes: 'exact' or 'float32' (see `NCutConfig.segment_codes`).
+
+    Returns:
+      int32 [N] labels in [0, number of leaves).
+    """
+    num_slots = pos_child.shape[0]
+    is_split = pos_child >= 0
+    pos = jnp.maximum(pos_child, 0)
+
+    def count_leaves(i, leaves):  # children before parents: slots in reverse
+        s = num_nodes - 1 - i
+        return leaves.at[s].set(jnp.where(is_split[s], leaves[pos[s]] + leaves[pos[s] - 1], 1))
+
+    leaves = jax.lax.fori_loop(0, num_nodes, count_leaves, jnp.ones((num_slots,), jnp.int32))
+
+    # Top down: a leaf's rank inside the subtree of a node is mapped to its rank in the whole
+    # tree by r -> (c0 if r == 0 else r + c1). Into the {y > t} child P a step maps r to r + 1;
+    # into the {y <= t} child r to (0 if r == 0 else r + leaves(P)). Along the way the
+    # released depth-first pre-order position `enter` of every node ({y > t} side first).
+    def descend(s, carry):
+        c0, c1, enter = carry
+        p = jnp.where(is_split[s], pos[s], num_slots)  # out of range for leaves: dropped
+        q = jnp.where(is_split[s], pos[s] - 1, num_slots)
+        size_p = leaves[pos[s]]
+        c0 = c0.at[p].set(1 + c1[s], mode="drop").at[q].set(c0[s], mode="drop")
+        c1 = c1.at[p].set(1 + c1[s], mode="drop").at[q].set(c1[s] + size_p, mode="drop")
+        enter = enter.at[p].set(enter[s] + 1, mode="drop")
+        enter = enter.at[q].set(enter[s] + 2 * size_p, mode="drop")
+        return c0, c1, enter
+
+    zeros = jnp.zeros((num_slots,), jnp.int32)
+    c0, _, enter = jax.lax.fori_loop(0, num_nodes, descend, (zeros, zeros, zeros))
+    if segment_codes == "exact":
+        return c0[node]
+
+    # Replay of the released assembly: each accepted split's {y > t} side in depth-first
+    # pre-order, code += v * side (float32; inf * 0 = NaN after overflow, as in torch).
+    order = jnp.argsort(jnp.where(is_split, enter, jnp.iinfo(jnp.int32).max))
+    leaf_enter = enter[node]
+
+    def add_side(k, carry):
+        code, value = carry
+        p = pos[order[k]]
+        side = (leaf_enter >= enter[p]) & (leaf_enter < enter[p] + 2 * leaves[p] - 1)
+        # value * side, with IEEE's inf * 0 = NaN spelled out: XLA folds a product with a
+        # converted bool into a select, which would give 0 there.
+        code = code + jnp.where(side, value, jnp.where(jnp.isfinite(value), 0.0, jnp.nan))
+        return code, jnp.max(code) + 1.0
+
+    code, _ = jax.lax.fori_loop(
+        0, jnp.sum(is_split), add_side, (jnp.zeros(node.shape, jnp.float32), jnp.float32(1.0))
     )
-    return rank[labels]
+    # Numbered by ascending distinct code; a NaN code equals nothing and keeps label 0.
+    key = jnp.where(jnp.isnan(code), jnp.inf, code)
+    ordered = jnp.sort(key)
+    first = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
+    dense = jnp.cumsum(first.astype(jnp.int32)) - 1
+    rank = dense[jnp.searchsorted(ordered, key, side="left")]
+    return jnp.where(jnp.isnan(code), 0, rank).astype(jnp.int32)
 
 
 @jax.jit

@@ -460,7 +460,8 @@ def _autosc_build(mask_size: int, upsampling: str) -> Method:
     def method(inputs: MethodInputs, acfg: AutoSCConfig):
         _, h, w, _ = inputs.features.shape
         res = autosc_batch(inputs.features, acfg)
-        labels = _concept_masks(inputs.features, res.labels, min(acfg.max_clusters, h * w), mask_size)
+        bound = h * w if acfg.max_clusters is None else min(acfg.max_clusters, h * w)  # labels lie in [0, bound)
+        labels = _concept_masks(inputs.features, res.labels, bound, mask_size)
         diag = {
             "num_clusters": res.num_clusters,
             "num_segments": res.num_segments,
