@@ -25,13 +25,22 @@ import numpy as np
 from flax import nnx
 
 from spark_jax.checkpoint import CheckpointError, load_unet_encoder, load_vae_encoder, resolve_pretrained
-from spark_jax.conditioning import add_noise, load_alphas_cumprod, prompt_embeddings, sdxl_time_ids, shared_noise
+from spark_jax.conditioning import (
+    add_noise,
+    load_alphas_cumprod,
+    load_noise_file,
+    prompt_embeddings,
+    sdxl_time_ids,
+    shared_noise,
+)
 from spark_jax.models.unet_encoder import UNetEncoder, UNetEncoderConfig
 from spark_jax.models.vae_encoder import VAEEncoder, VAEEncoderConfig
 from spark_jax.preprocess import prepare_image
 
 _log = logging.getLogger(__name__)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NOISE_SOURCES = ("jax", "torch", "file")
+MATMUL_PRECISIONS = ("highest", "high", "default")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +51,25 @@ class BackboneConfig:
       resolution: side of the square the images are resized to (1024 in the papers).
       timestep: diffusion timestep t of the forward noising (50).
       seed: seed of the noise tensor shared by every image (42).
-      noise_source: "jax" (JAX's generator) or "torch" (the reference's exact CPU draw; torch is
-        needed once, then the draw is cached).
+      noise_source: "jax" (JAX's generator), "torch" (torch's *CPU* generator: ``torch.randn((1, c, h, w),
+        generator=torch.Generator("cpu").manual_seed(seed))``; torch is needed once, then the draw is
+        cached) or "file" (the array in ``noise_file``). DiffCut's released pipeline draws on the GPU
+        (``torch.Generator(device="cuda")``), whose numbers differ from the CPU generator's: to use that
+        exact draw, save it once where a GPU is, ``np.save("eps.npy", torch.randn(1, 4, 128, 128,
+        generator=torch.Generator("cuda").manual_seed(42), device="cuda").cpu().numpy())``, and pass it as
+        ``noise_file`` with ``noise_source="file"``.
+      noise_file: a ``.npy`` file holding the noise in torch's layout, float [1, c, h, w] (h = w =
+        resolution / 8), finite; required with ``noise_source="file"``, refused otherwise.
       unet_dtype: "float32", "bfloat16" or "float16" for the UNet; the VAE always runs in float32.
         The reference ran float16 on GPU; float32 is the default here because it is exact and
         reduced precision is slow on CPUs.
       prompt: the text prompt ("" in the papers).
       variant: weight-file variant ("fp16" for ``*.fp16.safetensors``) or None for the default.
       cache_dir: cache of converted weights and prompt embeddings (default ``~/.cache/spark_jax``).
+      matmul_precision: precision of every matmul and convolution of the UNet, VAE and attention, applied
+        to the whole jitted extractor (``jax.default_matmul_precision``): "highest" (float32 throughout, the
+        default: exact), "high" (bf16_3x / TF32-class passes) or "default" (the backend's default: TF32 on
+        recent NVIDIA GPUs, one bfloat16 pass on TPUs). On CPUs all three compute in float32.
     """
 
     resolution: int = 1024
@@ -60,14 +80,27 @@ class BackboneConfig:
     prompt: str = ""
     variant: str | None = None
     cache_dir: str | None = None
+    noise_file: str | None = None
+    matmul_precision: str = "highest"
 
     def __post_init__(self):
         if self.unet_dtype not in _DTYPES:
             raise ValueError(f"unet_dtype={self.unet_dtype!r}; choose one of {sorted(_DTYPES)}")
-        if self.noise_source not in ("jax", "torch"):
-            raise ValueError(f"noise_source={self.noise_source!r}; choose 'jax' or 'torch'")
+        if self.noise_source not in NOISE_SOURCES:
+            raise ValueError(f"noise_source={self.noise_source!r}; choose one of {NOISE_SOURCES}")
+        if (self.noise_source == "file") != (self.noise_file is not None):
+            raise ValueError("noise_file is given exactly when noise_source='file' (got noise_source="
+                             f"{self.noise_source!r}, noise_file={self.noise_file!r})")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision={self.matmul_precision!r}; choose one of {MATMUL_PRECISIONS}")
+        for name in ("resolution", "timestep", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         if self.resolution <= 0:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
+        if self.timestep < 0:
+            raise ValueError(f"timestep must be >= 0 (a step of the training schedule), got {self.timestep}")
 
 
 class Conditioning(NamedTuple):
@@ -236,17 +269,19 @@ class Backbone:
         return side, side, self.unet_config.feature_channels
 
     def _run(self, unet_params, vae_params, cond: Conditioning, images: jax.Array) -> jax.Array:
-        return extract_features(
-            nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), images, cond,
-            timestep=self.cfg.timestep, resolution=self.cfg.resolution,
-            unet_dtype=_DTYPES[self.cfg.unet_dtype],
-        )
+        with jax.default_matmul_precision(self.cfg.matmul_precision):  # every dot and conv of the trace
+            return extract_features(
+                nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), images, cond,
+                timestep=self.cfg.timestep, resolution=self.cfg.resolution,
+                unet_dtype=_DTYPES[self.cfg.unet_dtype],
+            )
 
     def _run_prepared(self, unet_params, vae_params, cond: Conditioning, prepared: jax.Array) -> jax.Array:
-        return encode_prepared(
-            nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), prepared, cond,
-            timestep=self.cfg.timestep, unet_dtype=_DTYPES[self.cfg.unet_dtype],
-        )
+        with jax.default_matmul_precision(self.cfg.matmul_precision):
+            return encode_prepared(
+                nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), prepared, cond,
+                timestep=self.cfg.timestep, unet_dtype=_DTYPES[self.cfg.unet_dtype],
+            )
 
     def extract_features(self, images: jax.Array | np.ndarray) -> jax.Array:
         """images: [B, H, W, 3] uint8 or float in [0, 1] -> [B, h, w, C] float32 features."""
@@ -291,6 +326,12 @@ def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig(
         raise CheckpointError(
             f"{root}: the UNet takes {unet_cfg.in_channels} channels but the VAE makes {vae_cfg.latent_channels}"
         )
+    if unet_cfg.addition_embed_type == "text_time" and not (root / "text_encoder_2").is_dir():
+        raise CheckpointError(
+            f"{root / 'text_encoder_2'} is missing: this UNet (addition_embed_type='text_time', the SDXL family) "
+            "is conditioned on the pooled embedding of the second text encoder; use the complete pipeline folder "
+            "(text_encoder_2/ and tokenizer_2/)"
+        )
     emb = prompt_embeddings(root, cfg.prompt, cache_dir=cfg.cache_dir)
     _log.info("prompt embeddings ready in %.1f s", time.perf_counter() - t0)
     want = unet_cfg.cross_attention_dim[unet_cfg.feature_block]
@@ -313,8 +354,10 @@ def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig(
         raise ValueError(f"timestep {cfg.timestep} is outside the schedule's [0, {len(abar)})")
     side = cfg.resolution // vae_cfg.downscale
     cond = Conditioning(
-        noise=shared_noise(
-            cfg.seed, (side, side, vae_cfg.latent_channels), source=cfg.noise_source, cache_dir=cfg.cache_dir
+        noise=(
+            load_noise_file(cfg.noise_file, (side, side, vae_cfg.latent_channels)) if cfg.noise_source == "file"
+            else shared_noise(cfg.seed, (side, side, vae_cfg.latent_channels), source=cfg.noise_source,
+                              cache_dir=cfg.cache_dir)
         ),
         alpha_bar=jnp.asarray(abar[cfg.timestep], jnp.float32),
         encoder_hidden_states=jnp.asarray(emb.encoder_hidden_states, jnp.float32),

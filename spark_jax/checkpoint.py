@@ -45,6 +45,11 @@ VAE_LEGACY_ALIASES = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to
 M = TypeVar("M", bound=nnx.Module)
 
 
+# Config fields that fix the architecture: without them a class default would describe another model.
+UNET_REQUIRED_FIELDS = ("block_out_channels", "down_block_types", "cross_attention_dim", "in_channels")
+VAE_REQUIRED_FIELDS = ("block_out_channels", "down_block_types", "latent_channels")
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder or file is missing, unreadable or does not match the model."""
 
@@ -128,9 +133,37 @@ def resolve_pretrained(name_or_path: str | os.PathLike, *, hf_cache_dir: str | o
     raise CheckpointError(f"checkpoint folder {p} does not exist")
 
 
+def dangling_link_error(path: Path) -> CheckpointError | None:
+    """A CheckpointError when ``path`` is a symlink to nothing (a Hugging Face cache snapshot whose blob never
+    finished downloading), else None."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return CheckpointError(
+            f"{path} is a dangling symlink (-> {os.readlink(path)}): the Hugging Face download is incomplete. "
+            "Download the model again (`huggingface-cli download <repo>`, which resumes) or pass a complete folder."
+        )
+    return None
+
+
+def require_fields(config: Mapping[str, Any], fields: Sequence[str], source: str) -> None:
+    """Raises CheckpointError naming ``source`` and every field of ``fields`` that ``config`` lacks.
+
+    diffusers writes every constructor argument into its configs, so a missing architecture or schedule field
+    means a damaged or hand-edited file: filling it with a class default would build another model silently.
+    """
+    missing = [f for f in fields if f not in config]
+    if missing:
+        raise CheckpointError(
+            f"{source} lacks the required field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+            "the file is damaged or hand-edited: re-download it or re-save the model with diffusers"
+        )
+
+
 def read_config(component_dir: Path) -> dict[str, Any]:
     """Reads ``<component>/config.json`` with a clear error when missing or malformed."""
     path = Path(component_dir) / "config.json"
+    if (err := dangling_link_error(path)) is not None:
+        raise err
     if not path.is_file():
         raise CheckpointError(
             f"{path} is missing; the checkpoint folder must hold the diffusers layout ({path.parent.name}/config.json)"
@@ -157,6 +190,8 @@ def weight_files(component_dir: Path, *, variant: str | None = None) -> list[Pat
         stem = _WEIGHTS_NAME if v is None else f"{_WEIGHTS_NAME}.{v}"
         single = component_dir / f"{stem}.safetensors"
         index = component_dir / f"{stem}.safetensors.index.json"
+        if (err := dangling_link_error(single)) is not None:
+            raise err
         if single.exists():
             return [single]
         if index.is_file():
@@ -184,6 +219,8 @@ class _SafetensorsReader:
         self.where: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         for f in self.files:
+            if (err := dangling_link_error(f)) is not None:
+                raise err
             if not f.exists():
                 raise CheckpointError(
                     f"weights file {f} is missing (a broken Hugging Face cache link?); download the model again"
@@ -435,7 +472,9 @@ def load_unet_encoder(
       variant, cache_dir, use_cache: see ``load_converted``.
     """
     folder = resolve_pretrained(root) / "unet"
-    cfg = UNetEncoderConfig.from_diffusers(read_config(folder), source=str(folder / "config.json"))
+    raw = read_config(folder)
+    require_fields(raw, UNET_REQUIRED_FIELDS, str(folder / "config.json"))
+    cfg = UNetEncoderConfig.from_diffusers(raw, source=str(folder / "config.json"))
     model = load_converted(
         abstract_module(cfg), folder, variant=variant, dtype=dtype,
         skipped_prefixes=cfg.skipped_checkpoint_prefixes(), cache_dir=cache_dir, use_cache=use_cache,
@@ -452,7 +491,9 @@ def load_vae_encoder(
 ) -> tuple[VAEEncoder, VAEEncoderConfig]:
     """The VAE encoder (float32) of a diffusers checkpoint, with its config."""
     folder = resolve_pretrained(root) / "vae"
-    cfg = VAEEncoderConfig.from_diffusers(read_config(folder), source=str(folder / "config.json"))
+    raw = read_config(folder)
+    require_fields(raw, VAE_REQUIRED_FIELDS, str(folder / "config.json"))
+    cfg = VAEEncoderConfig.from_diffusers(raw, source=str(folder / "config.json"))
     model = load_converted(
         abstract_module(cfg), folder, variant=variant, dtype=jnp.float32,
         skipped_prefixes=VAE_SKIPPED_PREFIXES, aliases=VAE_LEGACY_ALIASES, cache_dir=cache_dir,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spark_jax.checkpoint import CheckpointError, default_cache_dir, read_config, resolve_pretrained
+from spark_jax.checkpoint import (
+    CheckpointError,
+    dangling_link_error,
+    default_cache_dir,
+    read_config,
+    require_fields,
+    resolve_pretrained,
+)
 
 CONDITIONING_VERSION = 1
 
@@ -42,7 +50,12 @@ class PromptEmbeddings(NamedTuple):
 def _encoder_folders(root: Path) -> list[tuple[Path, Path]]:
     """(tokenizer, text_encoder) folder pairs of a pipeline, in diffusers' order."""
     pairs = [(root / "tokenizer", root / "text_encoder")]
-    if (root / "text_encoder_2").is_dir():
+    listed = {}
+    if (root / "model_index.json").is_file():
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+            listed = json.loads((root / "model_index.json").read_text())
+    # SDXL-family pipelines list a second encoder in model_index.json: its folder is required, not optional.
+    if (root / "text_encoder_2").is_dir() or listed.get("text_encoder_2"):
         pairs.append((root / "tokenizer_2", root / "text_encoder_2"))
     for tok, enc in pairs:
         for folder in (tok, enc):
@@ -189,12 +202,17 @@ def load_alphas_cumprod(root: str | os.PathLike) -> np.ndarray:
     """abar_t from ``<root>/scheduler/scheduler_config.json``."""
     folder = resolve_pretrained(root) / "scheduler"
     path = folder / "scheduler_config.json"
+    if (err := dangling_link_error(path)) is not None:
+        raise err
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the noise schedule is read from the checkpoint's scheduler config")
     try:
-        return alphas_cumprod(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    if config.get("trained_betas") is None:  # the schedule is computed from these; defaults would be DDPM's
+        require_fields(config, ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule"), str(path))
+    return alphas_cumprod(config)
 
 
 def add_noise(latents: jax.Array, noise: jax.Array, alpha_bar: float | jax.Array) -> jax.Array:
@@ -208,6 +226,37 @@ def add_noise(latents: jax.Array, noise: jax.Array, alpha_bar: float | jax.Array
     alpha_bar = jnp.asarray(alpha_bar, jnp.float32)
     noise = jnp.broadcast_to(noise, latents.shape)
     return (jnp.sqrt(alpha_bar) * latents + jnp.sqrt(1.0 - alpha_bar) * noise).astype(latents.dtype)
+
+
+def load_noise_file(path: str | os.PathLike, shape: tuple[int, int, int]) -> jax.Array:
+    """The noise tensor of ``BackboneConfig(noise_source="file")``: a ``.npy`` in torch's layout.
+
+    Args:
+      path: ``.npy`` holding float [1, c, h, w] (what ``torch.randn(1, c, h, w, ...).cpu().numpy()`` gives, e.g.
+        DiffCut's CUDA draw saved once where a GPU is).
+      shape: (h, w, c) of one latent at the configured resolution.
+
+    Returns:
+      [1, h, w, c] float32 (channels last, as ``shared_noise``).
+
+    Raises:
+      CheckpointError: the file is missing or unreadable, or its shape, dtype or values are wrong (named).
+    """
+    h, w, c = shape
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"noise_file {str(path)!r} cannot be read as a .npy array ({e})") from e
+    if arr.shape != (1, c, h, w):
+        raise CheckpointError(
+            f"noise_file {str(path)!r} holds shape {arr.shape}; the latent at this resolution needs (1, {c}, {h}, {w}) "
+            "in torch's NCHW layout (as torch.randn(1, c, h, w) draws it)"
+        )
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise CheckpointError(f"noise_file {str(path)!r} holds {arr.dtype} values; Gaussian noise is floating point")
+    if not np.isfinite(arr).all():
+        raise CheckpointError(f"noise_file {str(path)!r} holds {int((~np.isfinite(arr)).sum())} non-finite values")
+    return jnp.asarray(np.ascontiguousarray(arr.transpose(0, 2, 3, 1)), jnp.float32)
 
 
 def shared_noise(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-pytest.importorskip("diffusers")
+import diffusers  # noqa: E402,F401  (oracles are imported plainly: see conftest)
 
 from test_backbone_helpers import build_tiny_pipeline  # noqa: E402
 
