@@ -37,7 +37,7 @@ _NOISE = flags.DEFINE_list("noise", ["0.2", "0.5", "0.8"], "Noise levels (relati
 _INFLATION = flags.DEFINE_list("inflation", ["1.5", "1.8", "2.2", "2.6", "3.0"], "Values of r.")
 _BETA = flags.DEFINE_list("beta", ["0.0", "0.4", "0.6", "0.8", "1.0"], "Values of beta.")
 _SHARPEN = flags.DEFINE_list("sharpen", ["1", "4", "8"], "Values of the fixed sharpening exponent.")
-_TARGETS = flags.DEFINE_list("targets", ["0.02", "0.05", "0.1"],
+_TARGETS = flags.DEFINE_list("targets", ["0.05", "0.2", "0.4"],
                              "Entropy targets of the automatic sharpening (fractions of the tokens).")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Planted feature draws per noise level.")
 
