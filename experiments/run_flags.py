@@ -21,6 +21,7 @@ from typing import Any
 from absl import flags
 
 from spark_jax.autosc import AutoSCConfig
+from spark_jax.backbone import MATMUL_PRECISIONS, NOISE_SOURCES, BackboneConfig
 from spark_jax.config import SparkConfig
 from spark_jax.evaluation import PROTOCOLS
 from spark_jax.kmeans import KMeansConfig
@@ -49,6 +50,18 @@ flags.DEFINE_string("checkpoint", None, "Diffusers folder of SSD-1B (default: th
                     "segmind/SSD-1B if present).")
 flags.DEFINE_integer("resolution", None, "Backbone input side (default 1024 for SSD-1B, 256 for handcrafted; "
                      "the token grid follows from it).")
+_B = BackboneConfig()
+flags.DEFINE_integer("timestep", _B.timestep, "Diffusion backbone: timestep t of the forward noising (the papers: 50).")
+flags.DEFINE_integer("seed", _B.seed, "Diffusion backbone: seed of the noise shared by every image (the papers: 42).")
+flags.DEFINE_enum("noise_source", _B.noise_source, list(NOISE_SOURCES),
+                  "Diffusion backbone noise: jax (JAX's generator), torch (torch's CPU generator; DiffCut drew on "
+                  "CUDA, which differs), file (--noise_file).")
+flags.DEFINE_string("noise_file", None, "Diffusion backbone: .npy of the noise in torch's layout [1, 4, h, w] "
+                    "(e.g. DiffCut's CUDA draw saved once); needs --noise_source=file.")
+flags.DEFINE_enum("unet_dtype", _B.unet_dtype, ["float32", "bfloat16", "float16"],
+                  "Diffusion backbone: the UNet's dtype (the VAE always runs in float32).")
+flags.DEFINE_enum("backbone_precision", _B.matmul_precision, list(MATMUL_PRECISIONS),
+                  "Diffusion backbone: precision of every matmul and convolution (highest = float32, exact).")
 flags.DEFINE_integer("mask_size", 128, "Side of the predicted and scored label maps.")
 flags.DEFINE_integer("batch_size", 4, "Images per backbone/method call.")
 flags.DEFINE_integer("limit", None, "Evaluate only the first N images (of each dataset).")
@@ -184,6 +197,8 @@ def run_config_from_flags(**fields: Any) -> RunConfig:
         mask_size=FLAGS.mask_size, batch_size=FLAGS.batch_size, limit=FLAGS.limit, protocol=FLAGS.protocol,
         feature_cache=FLAGS.feature_cache, num_overlays=FLAGS.num_overlays, on_bad_sample=FLAGS.on_bad_sample,
         allow_nonfinite_features=FLAGS.allow_nonfinite_features, spark_preset=FLAGS.spark_preset,
-        demo_images=FLAGS.demo_images, demo_photos=FLAGS.demo_photos, pamr_config=pamr, kmeans_k=kmeans_k_from_flag(FLAGS.kmeans_k),
+        demo_images=FLAGS.demo_images, demo_photos=FLAGS.demo_photos, timestep=FLAGS.timestep, seed=FLAGS.seed,
+        noise_source=FLAGS.noise_source, noise_file=FLAGS.noise_file, unet_dtype=FLAGS.unet_dtype,
+        backbone_precision=FLAGS.backbone_precision, pamr_config=pamr, kmeans_k=kmeans_k_from_flag(FLAGS.kmeans_k),
         kmeans_unlabelled_k=FLAGS.kmeans_unlabelled_k, kmeans_seed=FLAGS.kmeans_seed, **configs, **fields,
     )

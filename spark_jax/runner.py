@@ -51,6 +51,7 @@ import tqdm
 from PIL import Image
 
 from spark_jax.autosc import AutoSCConfig, autosc_batch
+from spark_jax.backbone import BackboneConfig, load_backbone
 from spark_jax.config import SparkConfig
 from spark_jax.datasets import BadSampleError, Dataset, Sample, get_dataset
 from spark_jax.evaluation import PROTOCOLS, Evaluator, LabelSpace, protocol_labels
@@ -140,6 +141,10 @@ class RunConfig:
             leaves them out and lists them in ``metrics.json`` (``skipped``) and the summary.
         allow_nonfinite_features: score images whose backbone features hold NaN/Inf (those tokens act as zero
             vectors; counted in ``metrics.json``) instead of stopping with the count and the likely cause.
+        timestep, seed, noise_source, noise_file, unet_dtype: the diffusion backbone's settings
+            (:class:`spark_jax.backbone.BackboneConfig`, the reference pipeline's defaults); unused by the
+            handcrafted backbone.
+        backbone_precision: the diffusion backbone's ``BackboneConfig.matmul_precision`` (``highest``: exact).
     """
 
     dataset: str = "demo"
@@ -170,6 +175,12 @@ class RunConfig:
     kmeans_seed: int = 0
     on_bad_sample: str = "fail"
     allow_nonfinite_features: bool = False
+    timestep: int = BackboneConfig.timestep
+    seed: int = BackboneConfig.seed
+    noise_source: str = BackboneConfig.noise_source
+    noise_file: str | None = None
+    unet_dtype: str = BackboneConfig.unet_dtype
+    backbone_precision: str = BackboneConfig.matmul_precision
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -184,6 +195,7 @@ class RunConfig:
         if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
             raise ValueError(f"--resolution must be an int >= 8 (the backbone's input side in pixels) or unset for "
                              f"the backbone's own, got {self.resolution!r}")
+        self.backbone_config(1024)  # validates the diffusion backbone's settings (ValueError naming the field)
         if self.on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"--on_bad_sample must be one of {ON_BAD_SAMPLE}, got {self.on_bad_sample!r}")
         if self.limit is not None and self.limit < 1:
@@ -214,6 +226,12 @@ class RunConfig:
             self.spark.check_values()
         elif self.method == "diffcut":
             self.ncut.check_values()
+
+    def backbone_config(self, resolution: int) -> BackboneConfig:
+        """The diffusion backbone's settings at ``resolution``."""
+        return BackboneConfig(resolution=resolution, timestep=self.timestep, seed=self.seed,
+                              noise_source=self.noise_source, noise_file=self.noise_file,
+                              unet_dtype=self.unet_dtype, matmul_precision=self.backbone_precision)
 
     @property
     def resolved_upsampling(self) -> str:
@@ -334,10 +352,9 @@ def _resolve_backbone(cfg: RunConfig):
         return HandcraftedBackbone(hc), key, f"handcrafted (weights-free demo backbone), {hc}", kind
     if not os.path.isdir(checkpoint):
         raise BackboneNotFoundError(f"--checkpoint={checkpoint!r} is not a folder. " + _HOW_TO_GET_SSD1B)
-    from spark_jax.backbone import BackboneConfig, load_backbone  # heavy import: only when used
-
-    bcfg = BackboneConfig(resolution=cfg.resolution or 1024)
-    key = "diffusion-" + _digest(os.path.abspath(checkpoint) + repr(bcfg))
+    bcfg = cfg.backbone_config(cfg.resolution or 1024)
+    noise = "" if bcfg.noise_file is None else _file_digest(bcfg.noise_file)  # the draw, not just its path
+    key = "diffusion-" + _digest(os.path.abspath(checkpoint) + repr(bcfg) + noise)
     return load_backbone(checkpoint, bcfg), key, f"diffusion backbone from {checkpoint}, {bcfg}", kind
 
 
@@ -349,6 +366,14 @@ def _backbone_resolution(backbone) -> int:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _file_digest(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:12]
+    except OSError:
+        return "unreadable"  # load_backbone names the problem
 
 
 def _image_digest(image: np.ndarray) -> str:

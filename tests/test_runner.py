@@ -65,6 +65,9 @@ def test_demo_end_to_end_writes_metrics_predictions_and_overlays(tmp_path):
     assert 0.0 <= m["miou"] <= 1.0 and m["num_images_scored"] == 3 and m["num_images"] == 4
     assert set(m["per_class_iou"]) == set(DEMO_LABEL_SPACE.class_names)
     assert m["config"]["run"]["spark"]["inflation"] == 1.5
+    # the diffusion backbone's settings are recorded with every run
+    assert {k: m["config"]["run"][k] for k in ("timestep", "seed", "noise_source", "backbone_precision")} == {
+        "timestep": 50, "seed": 42, "noise_source": "jax", "backbone_precision": "highest"}
     assert {"jax", "flax", "numpy", "scipy"} <= set(m["versions"])
     assert m["timing"]["images_per_second"] > 0
     assert m["diagnostics_mean"]["num_clusters"] >= 1
@@ -451,7 +454,16 @@ def test_flags_cover_every_method_hyperparameter():
         fv.unparse_flags()
         fv(["run", "--spark_preset=paper", "--max_clusters=none"])
         assert cli.config_from_flags().spark == SparkConfig()  # 'none' round-trips to max_clusters=None
+        fv.unparse_flags()
+        fv(["run", "--timestep=300", "--seed=7", "--unet_dtype=bfloat16", "--backbone_precision=high",
+            "--noise_source=file", "--noise_file=eps.npy"])
+        bcfg = cli.config_from_flags().backbone_config(512)
+        assert (bcfg.resolution, bcfg.timestep, bcfg.seed, bcfg.unet_dtype, bcfg.matmul_precision) == (
+            512, 300, 7, "bfloat16", "high")
+        assert (bcfg.noise_source, bcfg.noise_file) == ("file", "eps.npy")
         for argv, message in ((["--pamr_dilations=1,two"], "--pamr_dilations: expected comma-separated ints"),
+                              (["--noise_source=file"], "noise_file is given exactly when noise_source='file'"),
+                              (["--timestep=-3"], "timestep must be >= 0"),
                               (["--pamr_dilations=0,2"], "--pamr_dilations must be ints >= 1"),
                               (["--resolution=-4"], "--resolution must be an int >= 8"),
                               (["--kmeans_k=lots"], "--kmeans_k must be an int >= 1 or 'gt'")):
