@@ -1,4 +1,10 @@
-"""Specification of K-means (spark_jax.kmeans) against scikit-learn and a NumPy transcription."""
+"""Specification of K-means (spark_jax.kmeans) against scikit-learn and a NumPy transcription.
+
+spark_jax runs in float32, the references in float64: discrete outputs (seed indices, labels,
+iteration counts) are compared only on fixtures whose every decision has a margin above 1e-4
+(relative) — no draw near a bin edge of the k-means++ potential, no point nearly equidistant to
+two centers at any Lloyd iteration, no center shift near the tolerance — which each test asserts.
+"""
 
 from __future__ import annotations
 
@@ -23,19 +29,54 @@ sklearn_cluster = pytest.importorskip("sklearn.cluster")
 
 
 def reference_kmeans_plusplus(x: np.ndarray, first_draw: float, trial_draws: np.ndarray):
-    """sklearn's greedy k-means++ (`_kmeans_plusplus`), with its random draws given."""
+    """sklearn's greedy k-means++ (`_kmeans_plusplus`), with its random draws given, in float64.
+
+    Returns (center indices, margin): the margin is the smallest relative distance of a draw to
+    a bin edge of the cumulative potential, or between the best and the next candidate's
+    potential; float32 rounding (~1e-7) cannot change a decision with a margin above ~1e-5.
+    """
+    x = x.astype(np.float64)
     n = len(x)
     indices = [min(int(first_draw * n), n - 1)]
+    margin = abs(first_draw * n - round(first_draw * n))
     closest = ((x - x[indices[0]]) ** 2).sum(axis=1)
     for draws in trial_draws:
-        candidates = np.searchsorted(np.cumsum(closest), draws * closest.sum())
-        candidates = np.minimum(candidates, n - 1)
+        edges = np.cumsum(closest)
+        targets = draws * closest.sum()
+        candidates = np.minimum(np.searchsorted(edges, targets), n - 1)
+        margin = min(margin, np.abs(edges[None, :] - targets[:, None]).min() / edges[-1])
         to_candidates = ((x[None, :, :] - x[candidates][:, None, :]) ** 2).sum(axis=2)
         candidate_closest = np.minimum(closest[None, :], to_candidates)
-        best = np.argmin(candidate_closest.sum(axis=1))
+        potentials = candidate_closest.sum(axis=1)
+        best = np.argmin(potentials)
+        others = potentials[candidates != candidates[best]]
+        if len(others):
+            margin = min(margin, (others.min() - potentials[best]) / potentials[best])
         closest = candidate_closest[best]
         indices.append(int(candidates[best]))
-    return np.array(indices)
+    return np.array(indices), margin
+
+
+def lloyd_margin(x: np.ndarray, init: np.ndarray, n_iter: int, tol: float = 1e-4) -> float:
+    """Conditioning of Lloyd's iterations from `init` (float64, sklearn's update and stopping
+    rules): the smallest relative gap between a point's nearest and second-nearest center over
+    all iterations, and the relative distance of every center shift to the tolerance."""
+    x = x.astype(np.float64)
+    centers = init.astype(np.float64)
+    abs_tol = tol * np.mean(np.var(x, axis=0))
+    margin = np.inf
+    for _ in range(n_iter + 1):
+        d2 = ((x[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+        two = np.sort(d2, axis=1)[:, :2]
+        margin = min(margin, ((two[:, 1] - two[:, 0]) / np.maximum(two[:, 1], 1e-12)).min())
+        labels = d2.argmin(axis=1)
+        new = np.stack([x[labels == j].mean(axis=0) if (labels == j).any() else centers[j]
+                        for j in range(len(centers))])
+        shift = ((new - centers) ** 2).sum()
+        if shift > 0:
+            margin = min(margin, abs(shift - abs_tol) / abs_tol)
+        centers = new
+    return margin
 
 
 def _blobs(seed: int, n: int = 120, c: int = 8, k: int = 4, spread: float = 0.6) -> np.ndarray:
@@ -49,15 +90,18 @@ def _planted(seed: int, noise: float) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_seeding_matches_greedy_kmeans_plusplus_transcription(seed):
+# Draws chosen so that no decision of the seeding is within 1e-4 of a tie (asserted below).
+@pytest.mark.parametrize("seed,draw_seed", [(0, 100), (1, 102), (2, 103)])
+def test_seeding_matches_greedy_kmeans_plusplus_transcription(seed, draw_seed):
     x = _blobs(seed)
-    rng = np.random.default_rng(100 + seed)
+    rng = np.random.default_rng(draw_seed)
     first, trials = rng.random(), rng.random((5, 3))
     _, indices = jax.jit(kmeans_plusplus_from_draws)(
         jnp.asarray(x), jnp.float32(first), jnp.asarray(trials, jnp.float32)
     )
-    np.testing.assert_array_equal(np.asarray(indices), reference_kmeans_plusplus(x, first, trials))
+    want, margin = reference_kmeans_plusplus(x, first, trials)
+    assert margin > 1e-4, "fixture: a seeding decision is a near tie"
+    np.testing.assert_array_equal(np.asarray(indices), want)
 
 
 @pytest.mark.parametrize(
@@ -75,6 +119,7 @@ def test_lloyd_matches_sklearn_from_the_same_init(data, k):
         n_clusters=k, init=np.asarray(init[:k], np.float64), n_init=1, max_iter=300, tol=1e-4,
         algorithm="lloyd",
     ).fit(x.astype(np.float64))
+    assert lloyd_margin(x, np.asarray(init[:k]), ref.n_iter_) > 1e-4, "fixture: a near tie"
     np.testing.assert_array_equal(np.asarray(ours.labels), ref.labels_)
     np.testing.assert_allclose(np.asarray(ours.centers[:k]), ref.cluster_centers_, atol=1e-5)
     np.testing.assert_allclose(float(ours.inertia), ref.inertia_, rtol=1e-4)

@@ -55,6 +55,10 @@ def test_matches_the_numpy_transcription(method):
     got = propagation.propagate_labels(s, propagation.seed_matrix(jnp.asarray(labels), 4), method=method)
     want_q, want_labels, _ = ref.propagate(s.astype(np.float64), labels, 4, method=method)
     np.testing.assert_allclose(got.soft_labels, want_q, atol=1e-5)
+    # The argmax is compared where it is well-posed: every row's top two entries of the float64
+    # Q* differ by far more than the 1e-5 the float32 Q* may be off by.
+    top2 = np.sort(want_q, axis=1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 1e-3
     np.testing.assert_array_equal(got.labels, want_labels)
     chex.assert_type(got.labels, jnp.int32)
 
