@@ -186,21 +186,6 @@ def _row_json(r: Row) -> dict[str, Any]:
             "seconds": r.seconds}
 
 
-_NUM = flags.DEFINE_integer("num_images", 16, "Calibration images.")
-_FIRST = flags.DEFINE_integer("first_index", CALIBRATION_FIRST_INDEX, "Demo index of the first calibration image.")
-_SHARPEN = flags.DEFINE_list("sharpen", ["1", "3", "8", "24", "64", "128"],
-                             "Fixed sharpening exponents (stage 1; up to the ~100 the entropy targets select).")
-_TARGETS = flags.DEFINE_list("targets", ["0.01", "0.02", "0.05", "0.1", "0.2"],
-                             "Entropy targets: effective neighbours as a fraction of the tokens (stage 1).")
-_BETA = flags.DEFINE_list("beta", ["0.6", "0.8", "1.0"], "Fusion weights beta (stage 1).")
-_INFLATION = flags.DEFINE_list("inflation", ["1.5", "2.0"], "Inflations r (stage 1).")
-_REFINE = flags.DEFINE_list("refine_inflation", ["1.4", "1.6", "1.8", "2.6"],
-                            "Inflations swept at each mode's best (sharpening, beta) (stage 2); empty: no stage 2.")
-_TIE = flags.DEFINE_float("tie", 0.002, "mIoU difference (fraction) within which settings count as tied.")
-_OUT = flags.DEFINE_string("output_dir", "outputs/calibrate_demo",
-                           "Runs, the feature cache and calibration.json go here.")
-
-
 def main(argv):
     del argv
     floats = lambda values: [float(v) for v in values if v]  # noqa: E731
@@ -248,4 +233,19 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined only when run as a script: --sharpen, --beta, ... mean grids here, single values in
+    # experiments.run, and the tests import both modules into one process.
+    _NUM = flags.DEFINE_integer("num_images", 16, "Calibration images.")
+    _FIRST = flags.DEFINE_integer("first_index", CALIBRATION_FIRST_INDEX, "Demo index of the first calibration image.")
+    _SHARPEN = flags.DEFINE_list("sharpen", ["1", "3", "8", "24", "64", "128"],
+                                 "Fixed sharpening exponents (stage 1; up to the ~100 the entropy targets select).")
+    _TARGETS = flags.DEFINE_list("targets", ["0.01", "0.02", "0.05", "0.1", "0.2"],
+                                 "Entropy targets: effective neighbours as a fraction of the tokens (stage 1).")
+    _BETA = flags.DEFINE_list("beta", ["0.6", "0.8", "1.0"], "Fusion weights beta (stage 1).")
+    _INFLATION = flags.DEFINE_list("inflation", ["1.5", "2.0"], "Inflations r (stage 1).")
+    _REFINE = flags.DEFINE_list("refine_inflation", ["1.4", "1.6", "1.8", "2.6"],
+                                "Inflations swept at each mode's best (sharpening, beta) (stage 2); empty: no stage 2.")
+    _TIE = flags.DEFINE_float("tie", 0.002, "mIoU difference (fraction) within which settings count as tied.")
+    _OUT = flags.DEFINE_string("output_dir", "outputs/calibrate_demo",
+                               "Runs, the feature cache and calibration.json go here.")
     app.run(main)
