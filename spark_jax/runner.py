@@ -464,6 +464,7 @@ def _diffcut_build(mask_size: int, upsampling: str) -> Method:
         labels = _concept_masks(inputs.features, res.labels, bound, mask_size)
         diag = {
             "num_segments": res.num_segments,
+            "num_labels": res.num_labels,  # below num_segments only when segment_codes='float32' collides
             "num_eigensolves": res.num_eigensolves,
             "truncated": res.truncated,
             "num_nonfinite_tokens": res.num_nonfinite_tokens,
