@@ -59,6 +59,21 @@ def planted_token_features(
     return features.astype(np.float32), layout
 
 
+def many_regions_features(seed: int, h: int, w: int, c: int, noise: float = 0.1) -> np.ndarray:
+    """[h, w, c] float32 token features of dozens of small planted regions: runs of 3-8 tokens in raster
+    order, each a tight cluster around its own random unit mean (noise std ``noise`` relative to the unit
+    means). With DiffCut's defaults most runs become segments, one cut at a time (40-50 cuts on 16 x 16)."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while sum(sizes) < h * w:
+        sizes.append(int(rng.integers(3, 9)))
+    layout = np.repeat(np.arange(len(sizes)), sizes)[: h * w].reshape(h, w)
+    means = rng.standard_normal((len(sizes), c))
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    features = means[layout] + rng.standard_normal((h, w, c)) * noise / np.sqrt(c)
+    return features.astype(np.float32)
+
+
 def planted_miou(pred: np.ndarray, regions: np.ndarray) -> float:
     """mIoU of one prediction [h, w] against planted regions [h, w], after Hungarian matching.
 

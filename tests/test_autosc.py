@@ -30,7 +30,7 @@ from spark_jax.autosc import (
     cluster_qr,
     relative_eigengap,
 )
-from spark_jax.synthetic import planted_token_features
+from spark_jax.synthetic import many_regions_features, planted_token_features
 
 PERTURBATION = 1e-5
 PERTURBED_COPIES = 3
@@ -138,20 +138,6 @@ def test_well_separated_planted_regions_are_recovered():
     result = autosc(jnp.asarray(features), AutoSCConfig())
     pairs = set(zip(np.asarray(result.labels).ravel().tolist(), layout.ravel().tolist()))
     assert len(pairs) == len(np.unique(layout)) == int(result.num_clusters)
-
-
-def many_regions_features(seed: int, h: int, w: int, c: int, noise: float = 0.1) -> np.ndarray:
-    """Runs of 3-8 tokens in raster order, each a tight cluster around its own random unit mean
-    (as in test_ncut): dozens of clusters, k far above the caps of earlier versions."""
-    rng = np.random.default_rng(seed)
-    sizes = []
-    while sum(sizes) < h * w:
-        sizes.append(int(rng.integers(3, 9)))
-    layout = np.repeat(np.arange(len(sizes)), sizes)[: h * w].reshape(h, w)
-    means = rng.standard_normal((len(sizes), c))
-    means /= np.linalg.norm(means, axis=1, keepdims=True)
-    features = means[layout] + rng.standard_normal((h, w, c)) * noise / np.sqrt(c)
-    return features.astype(np.float32)
 
 
 @pytest.mark.parametrize("seed,k", [(0, 48), (1, 49)])

@@ -42,7 +42,7 @@ from spark_jax.ncut import (
     recursive_ncut_batch,
     released_segment_labels,
 )
-from spark_jax.synthetic import planted_token_features
+from spark_jax.synthetic import many_regions_features, planted_token_features
 
 PERTURBATION = 1e-5
 PERTURBED_COPIES = 3
@@ -194,20 +194,6 @@ def _random_features(seed: int, h: int, w: int, c: int) -> np.ndarray:
 
 def _affinity_f32(features: np.ndarray, alpha: float) -> np.ndarray:
     return reference_affinity(features, alpha).astype(np.float32)
-
-
-def many_regions_features(seed: int, h: int, w: int, c: int, noise: float = 0.1) -> np.ndarray:
-    """Runs of 3-8 tokens in raster order, each a tight cluster around its own random unit mean:
-    with DiffCut's defaults most runs become segments, one cut at a time (40-50 cuts on 16x16)."""
-    rng = np.random.default_rng(seed)
-    sizes = []
-    while sum(sizes) < h * w:
-        sizes.append(int(rng.integers(3, 9)))
-    layout = np.repeat(np.arange(len(sizes)), sizes)[: h * w].reshape(h, w)
-    means = rng.standard_normal((len(sizes), c))
-    means /= np.linalg.norm(means, axis=1, keepdims=True)
-    features = means[layout] + rng.standard_normal((h, w, c)) * noise / np.sqrt(c)
-    return features.astype(np.float32)
 
 
 def test_defaults_are_the_released_code():
