@@ -75,3 +75,20 @@ def test_half_precision_inputs_keep_their_dtype_and_accuracy(dtype):
     eps = float(jnp.finfo(dtype).eps)
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=4 * eps * np.abs(ref).max())
 
+
+
+@pytest.mark.parametrize("max_unblocked_logits", [2**22, 0], ids=["unblocked", "blocked"])
+@pytest.mark.parametrize("precision, printed", [("highest", "HIGHEST"), ("default", "DEFAULT"), (None, "HIGH")])
+def test_precision_reaches_both_products(max_unblocked_logits, precision, printed):
+    """An explicit precision wins; None follows the enclosing jax.default_matmul_precision (here 'high')."""
+    q, k, v = _inputs(1, 32, 32, 2, 8)
+
+    def attend(q, k, v):
+        return dot_product_attention(q, k, v, scale=0.3, block_q=16, max_unblocked_logits=max_unblocked_logits,
+                                     precision=precision)
+
+    with jax.default_matmul_precision("high"):
+        text = jax.jit(attend).lower(q, k, v).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) == 2
+    assert all(f"precision = [{printed}, {printed}]" in line for line in dots), dots

@@ -88,6 +88,7 @@ def dot_product_attention(
     scale: float,
     block_q: int = BLOCK_Q,
     max_unblocked_logits: int = MAX_UNBLOCKED_LOGITS,
+    precision: str | jax.lax.Precision | None = None,
 ) -> jax.Array:
     """softmax(q k^T * scale) v with float32 logits and accumulation.
 
@@ -98,6 +99,8 @@ def dot_product_attention(
       block_q: queries per block when blocking (T is zero-padded to a multiple; padded rows are
         dropped).
       max_unblocked_logits: problems with at most this many logits (B * N * T * S) are not blocked.
+      precision: precision of the two products; None follows ``jax.default_matmul_precision``, which the
+        backbone sets for its whole program (``BackboneConfig.matmul_precision``, "highest" by default).
 
     Returns:
       [B, T, N, H] in v's dtype. The softmax is normalised after the value product (one division
@@ -109,9 +112,14 @@ def dot_product_attention(
     qh, kh, vh = (x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h) for x in (q, k, v))
 
     def attend(qc: jax.Array, kc: jax.Array, vc: jax.Array) -> jax.Array:
-        logits = jnp.einsum("...th,...sh->...ts", qc, kc, preferred_element_type=jnp.float32) * scale
+        logits = jnp.einsum(
+            "...th,...sh->...ts", qc, kc, preferred_element_type=jnp.float32, precision=precision
+        ) * scale
         weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-        out = jnp.einsum("...ts,...sh->...th", weights.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
+        out = jnp.einsum(
+            "...ts,...sh->...th", weights.astype(vc.dtype), vc, preferred_element_type=jnp.float32,
+            precision=precision,
+        )
         return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(vc.dtype)
 
     if b * n * t * s <= max_unblocked_logits:
