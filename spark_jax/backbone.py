@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,7 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spark_jax.checkpoint import CheckpointError, load_unet_encoder, load_vae_encoder, resolve_pretrained
+from spark_jax.checkpoint import (
+    SDXL_VAE_REQUIRED_FIELDS,
+    VAE_REQUIRED_FIELDS,
+    CheckpointError,
+    check_pipeline_files,
+    load_unet_encoder,
+    load_vae_encoder,
+    resolve_pretrained,
+    unet_encoder_config,
+    vae_encoder_config,
+)
 from spark_jax.conditioning import (
     add_noise,
     load_alphas_cumprod,
@@ -43,23 +54,36 @@ NOISE_SOURCES = ("jax", "torch", "file")
 MATMUL_PRECISIONS = ("highest", "high", "default")
 
 
+# jax.random.key keeps only the low 32 bits of a seed when x64 is off (key(2**32) == key(0)), so larger
+# seeds would silently share a draw; torch accepts these too.
+SEED_RANGE = (0, 2**32)
+
+
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
     """Options of the feature extractor; defaults are the reference pipeline's (DiffCut, SPARK).
 
+    Every field is validated here (a ValueError naming the field and its value); what depends on the checkpoint
+    (the resolution's multiple, the schedule's length, the noise file's shape) is checked by ``load_backbone``.
+
     Attributes:
-      resolution: side of the square the images are resized to (1024 in the papers).
-      timestep: diffusion timestep t of the forward noising (50).
-      seed: seed of the noise tensor shared by every image (42).
-      noise_source: "jax" (JAX's generator), "torch" (torch's *CPU* generator: ``torch.randn((1, c, h, w),
-        generator=torch.Generator("cpu").manual_seed(seed))``; torch is needed once, then the draw is
-        cached) or "file" (the array in ``noise_file``). DiffCut's released pipeline draws on the GPU
-        (``torch.Generator(device="cuda")``), whose numbers differ from the CPU generator's: to use that
-        exact draw, save it once where a GPU is, ``np.save("eps.npy", torch.randn(1, 4, 128, 128,
-        generator=torch.Generator("cuda").manual_seed(42), device="cuda").cpu().numpy())``, and pass it as
-        ``noise_file`` with ``noise_source="file"``.
-      noise_file: a ``.npy`` file holding the noise in torch's layout, float [1, c, h, w] (h = w =
-        resolution / 8), finite; required with ``noise_source="file"``, refused otherwise.
+      resolution: side of the square the images are resized to (1024 in the papers); positive, and a multiple of
+        the VAE's downscale x the UNet's downsampling before the feature point (32 for SSD-1B and SDXL).
+      timestep: diffusion timestep t of the forward noising (50); in [0, num_train_timesteps) of the
+        checkpoint's scheduler (1000 for the SD family).
+      seed: seed of the noise tensor shared by every image (42); an int in [0, 2**32).
+      noise_source: "jax" (JAX's generator: the reference's distribution, another sample), "torch" (torch's *CPU*
+        generator: ``torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(seed))``; torch is
+        needed once, then the draw is cached) or "file" (the array in ``noise_file``). DiffCut's released
+        pipeline (``tools/ldm.py``) draws ``torch.randn(1, 4, h, w, generator=torch.Generator(device).manual_seed(42),
+        device=device)`` on ``cuda:0`` when a GPU is present, and torch's CUDA generator gives other numbers than
+        its CPU one: "torch" is DiffCut's draw only on a machine without a GPU. To use the CUDA draw, save it
+        once where a GPU is, ``np.save("eps.npy", torch.randn(1, 4, 128, 128, generator=torch.Generator("cuda")
+        .manual_seed(42), device="cuda").cpu().numpy())``, and pass it with ``noise_source="file"``.
+      noise_file: path of a ``.npy`` file holding the noise in torch's layout: one float array [1, c, h, w]
+        (NCHW; c = 4 and h = w = resolution / 8 for the SD family: (1, 4, 128, 128) at 1024 px), finite; float32
+        to be reproduced bit for bit. Required with ``noise_source="file"`` and refused otherwise; its shape,
+        dtype and values are checked when the backbone is loaded.
       unet_dtype: "float32", "bfloat16" or "float16" for the UNet; the VAE always runs in float32.
         The reference ran float16 on GPU; float32 is the default here because it is exact and
         reduced precision is slow on CPUs.
@@ -69,7 +93,7 @@ class BackboneConfig:
       matmul_precision: precision of every matmul and convolution of the UNet, VAE and attention, applied
         to the whole jitted extractor (``jax.default_matmul_precision``): "highest" (float32 throughout, the
         default: exact), "high" (bf16_3x / TF32-class passes) or "default" (the backend's default: TF32 on
-        recent NVIDIA GPUs, one bfloat16 pass on TPUs). On CPUs all three compute in float32.
+        recent NVIDIA GPUs, one bfloat16 pass on TPUs). On CPUs all three compile to the same program.
     """
 
     resolution: int = 1024
@@ -84,23 +108,55 @@ class BackboneConfig:
     matmul_precision: str = "highest"
 
     def __post_init__(self):
-        if self.unet_dtype not in _DTYPES:
-            raise ValueError(f"unet_dtype={self.unet_dtype!r}; choose one of {sorted(_DTYPES)}")
-        if self.noise_source not in NOISE_SOURCES:
-            raise ValueError(f"noise_source={self.noise_source!r}; choose one of {NOISE_SOURCES}")
-        if (self.noise_source == "file") != (self.noise_file is not None):
-            raise ValueError("noise_file is given exactly when noise_source='file' (got noise_source="
-                             f"{self.noise_source!r}, noise_file={self.noise_file!r})")
-        if self.matmul_precision not in MATMUL_PRECISIONS:
-            raise ValueError(f"matmul_precision={self.matmul_precision!r}; choose one of {MATMUL_PRECISIONS}")
         for name in ("resolution", "timestep", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an int, got {value!r}")
+                raise ValueError(f"BackboneConfig.{name} must be an int, got {value!r}")
         if self.resolution <= 0:
-            raise ValueError(f"resolution must be positive, got {self.resolution}")
+            raise ValueError(f"BackboneConfig.resolution must be positive, got {self.resolution}")
         if self.timestep < 0:
-            raise ValueError(f"timestep must be >= 0 (a step of the training schedule), got {self.timestep}")
+            raise ValueError(
+                f"BackboneConfig.timestep must be >= 0 (a step of the training schedule, 50 in the papers), "
+                f"got {self.timestep}"
+            )
+        if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ValueError(f"BackboneConfig.seed must be in [0, 2**32), got {self.seed}")
+        if self.unet_dtype not in _DTYPES:
+            raise ValueError(f"BackboneConfig.unet_dtype={self.unet_dtype!r}; choose one of {sorted(_DTYPES)}")
+        if self.noise_source not in NOISE_SOURCES:
+            raise ValueError(f"BackboneConfig.noise_source={self.noise_source!r}; choose one of {NOISE_SOURCES}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(
+                f"BackboneConfig.matmul_precision={self.matmul_precision!r}; choose one of {MATMUL_PRECISIONS}"
+            )
+        if (self.noise_source == "file") != (self.noise_file is not None):
+            raise ValueError("noise_file is given exactly when noise_source='file' (got noise_source="
+                             f"{self.noise_source!r}, noise_file={self.noise_file!r})")
+        if self.noise_file is not None and (
+            not isinstance(self.noise_file, (str, os.PathLike)) or not str(self.noise_file).endswith(".npy")
+        ):
+            raise ValueError(
+                f"BackboneConfig.noise_file={self.noise_file!r} must be the path of a .npy file (what np.save "
+                "writes) holding torch's [1, c, h, w] draw"
+            )
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"BackboneConfig.prompt must be a str, got {self.prompt!r}")
+        if self.variant is not None and (not isinstance(self.variant, str) or not self.variant.isidentifier()):
+            raise ValueError(
+                f"BackboneConfig.variant must be None or a weight-file variant such as 'fp16' "
+                f"(diffusion_pytorch_model.fp16.safetensors), got {self.variant!r}"
+            )
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise ValueError(f"BackboneConfig.cache_dir must be None or a path, got {self.cache_dir!r}")
+
+
+def precision_context(matmul_precision: str | None) -> contextlib.AbstractContextManager:
+    """``jax.default_matmul_precision(matmul_precision)``, or no change for None (the caller's setting)."""
+    if matmul_precision is None:
+        return contextlib.nullcontext()
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision={matmul_precision!r}; choose one of {MATMUL_PRECISIONS} or None")
+    return jax.default_matmul_precision(matmul_precision)
 
 
 class Conditioning(NamedTuple):
@@ -152,6 +208,7 @@ def extract_features(
     timestep: int,
     resolution: int,
     unet_dtype: jnp.dtype = jnp.float32,
+    matmul_precision: str | None = "highest",
 ) -> jax.Array:
     """Diffusion features of a batch of images (pure; jit it or use ``Backbone``).
 
@@ -163,12 +220,16 @@ def extract_features(
       timestep: t passed to the UNet (must match ``cond.alpha_bar``).
       resolution: side the images are resized to.
       unet_dtype: compute dtype of the UNet.
+      matmul_precision: precision of every dot and convolution (``BackboneConfig.matmul_precision``): "highest"
+        (exact float32, the default), "high", "default", or None to keep the caller's
+        ``jax.default_matmul_precision``.
 
     Returns:
       [B, h, w, C] float32 features (h = w = resolution / (8 * 2^feature_block) for SD-family VAEs).
     """
-    latents = vae(preprocess_images(images, resolution=resolution))
-    return latent_features(unet, latents, cond, timestep=timestep, unet_dtype=unet_dtype)
+    with precision_context(matmul_precision):
+        latents = vae(preprocess_images(images, resolution=resolution))
+        return latent_features(unet, latents, cond, timestep=timestep, unet_dtype=unet_dtype, matmul_precision=None)
 
 
 def encode_prepared(
@@ -179,6 +240,7 @@ def encode_prepared(
     *,
     timestep: int,
     unet_dtype: jnp.dtype = jnp.float32,
+    matmul_precision: str | None = "highest",
 ) -> jax.Array:
     """Features of images already cropped and resized by ``preprocess.prepare_image`` (pure).
 
@@ -189,8 +251,9 @@ def encode_prepared(
       prepared: [B, S, S, 3] float in [0, 1], S the backbone's resolution.
       (the rest as in ``extract_features``)
     """
-    latents = vae(2.0 * prepared.astype(jnp.float32) - 1.0)
-    return latent_features(unet, latents, cond, timestep=timestep, unet_dtype=unet_dtype)
+    with precision_context(matmul_precision):
+        latents = vae(2.0 * prepared.astype(jnp.float32) - 1.0)
+        return latent_features(unet, latents, cond, timestep=timestep, unet_dtype=unet_dtype, matmul_precision=None)
 
 
 def latent_features(
@@ -200,6 +263,7 @@ def latent_features(
     *,
     timestep: int,
     unet_dtype: jnp.dtype = jnp.float32,
+    matmul_precision: str | None = "highest",
 ) -> jax.Array:
     """UNet stage (pure): noise the latents at ``timestep`` and run the encoder to the feature point.
 
@@ -210,6 +274,13 @@ def latent_features(
     Returns:
       [B, h', w', C] float32 features.
     """
+    with precision_context(matmul_precision):
+        return _latent_features(unet, latents, cond, timestep=timestep, unet_dtype=unet_dtype)
+
+
+def _latent_features(
+    unet: UNetEncoder, latents: jax.Array, cond: Conditioning, *, timestep: int, unet_dtype: jnp.dtype
+) -> jax.Array:
     noisy = add_noise(latents, cond.noise, cond.alpha_bar)
     b = latents.shape[0]
     context = jnp.broadcast_to(cond.encoder_hidden_states, (b, *cond.encoder_hidden_states.shape))
@@ -269,19 +340,18 @@ class Backbone:
         return side, side, self.unet_config.feature_channels
 
     def _run(self, unet_params, vae_params, cond: Conditioning, images: jax.Array) -> jax.Array:
-        with jax.default_matmul_precision(self.cfg.matmul_precision):  # every dot and conv of the trace
-            return extract_features(
-                nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), images, cond,
-                timestep=self.cfg.timestep, resolution=self.cfg.resolution,
-                unet_dtype=_DTYPES[self.cfg.unet_dtype],
-            )
+        return extract_features(
+            nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), images, cond,
+            timestep=self.cfg.timestep, resolution=self.cfg.resolution,
+            unet_dtype=_DTYPES[self.cfg.unet_dtype], matmul_precision=self.cfg.matmul_precision,
+        )
 
     def _run_prepared(self, unet_params, vae_params, cond: Conditioning, prepared: jax.Array) -> jax.Array:
-        with jax.default_matmul_precision(self.cfg.matmul_precision):
-            return encode_prepared(
-                nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), prepared, cond,
-                timestep=self.cfg.timestep, unet_dtype=_DTYPES[self.cfg.unet_dtype],
-            )
+        return encode_prepared(
+            nnx.merge(self._unet_graph, unet_params), nnx.merge(self._vae_graph, vae_params), prepared, cond,
+            timestep=self.cfg.timestep, unet_dtype=_DTYPES[self.cfg.unet_dtype],
+            matmul_precision=self.cfg.matmul_precision,
+        )
 
     def extract_features(self, images: jax.Array | np.ndarray) -> jax.Array:
         """images: [B, H, W, 3] uint8 or float in [0, 1] -> [B, h, w, C] float32 features."""
@@ -311,27 +381,43 @@ def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig(
     """
     t0 = time.perf_counter()
     root = resolve_pretrained(path)
-    dtype = _DTYPES[cfg.unet_dtype]
-    unet, unet_cfg = load_unet_encoder(root, dtype=dtype, variant=cfg.variant, cache_dir=cfg.cache_dir)
-    _log.info("UNet encoder loaded from %s in %.1f s", root, time.perf_counter() - t0)
-    vae, vae_cfg = load_vae_encoder(root, variant=cfg.variant, cache_dir=cfg.cache_dir)
-    _log.info("VAE encoder loaded in %.1f s", time.perf_counter() - t0)
+    check_pipeline_files(root)  # every folder present, no dangling link: all named at once, before any loading
+    # The settings the checkpoint judges are checked from its configs, before seconds of weight conversion.
+    unet_cfg = unet_encoder_config(root)
+    sdxl = unet_cfg.addition_embed_type == "text_time"
+    vae_cfg = vae_encoder_config(root, required_fields=SDXL_VAE_REQUIRED_FIELDS if sdxl else VAE_REQUIRED_FIELDS)
     step = vae_cfg.downscale * unet_cfg.feature_stride
     if cfg.resolution % step:
+        lower = max(step, cfg.resolution // step * step)
         raise ValueError(
-            f"resolution {cfg.resolution} must be a multiple of {step} (VAE downscale {vae_cfg.downscale} x UNet "
-            f"downsampling {unet_cfg.feature_stride} before the feature point)"
+            f"BackboneConfig.resolution={cfg.resolution} must be a multiple of {step} for {root} (VAE downscale "
+            f"{vae_cfg.downscale} x UNet downsampling {unet_cfg.feature_stride} before the feature point); "
+            f"e.g. {lower} or {lower + step}"
         )
     if unet_cfg.in_channels != vae_cfg.latent_channels:
         raise CheckpointError(
             f"{root}: the UNet takes {unet_cfg.in_channels} channels but the VAE makes {vae_cfg.latent_channels}"
         )
-    if unet_cfg.addition_embed_type == "text_time" and not (root / "text_encoder_2").is_dir():
-        raise CheckpointError(
-            f"{root / 'text_encoder_2'} is missing: this UNet (addition_embed_type='text_time', the SDXL family) "
-            "is conditioned on the pooled embedding of the second text encoder; use the complete pipeline folder "
-            "(text_encoder_2/ and tokenizer_2/)"
+    abar = load_alphas_cumprod(root)
+    if not 0 <= cfg.timestep < len(abar):
+        raise ValueError(
+            f"BackboneConfig.timestep={cfg.timestep} is outside the schedule's [0, {len(abar)}) "
+            f"({root / 'scheduler' / 'scheduler_config.json'}: num_train_timesteps={len(abar)}); the papers use 50"
         )
+    latent = (cfg.resolution // vae_cfg.downscale, cfg.resolution // vae_cfg.downscale, vae_cfg.latent_channels)
+    noise = (
+        load_noise_file(cfg.noise_file, latent) if cfg.noise_source == "file"
+        else shared_noise(cfg.seed, latent, source=cfg.noise_source, cache_dir=cfg.cache_dir)
+    )
+
+    dtype = _DTYPES[cfg.unet_dtype]
+    unet, _ = load_unet_encoder(root, dtype=dtype, variant=cfg.variant, cache_dir=cfg.cache_dir)
+    _log.info("UNet encoder loaded from %s in %.1f s", root, time.perf_counter() - t0)
+    vae, _ = load_vae_encoder(
+        root, variant=cfg.variant, cache_dir=cfg.cache_dir,
+        required_fields=SDXL_VAE_REQUIRED_FIELDS if sdxl else VAE_REQUIRED_FIELDS,
+    )
+    _log.info("VAE encoder loaded in %.1f s", time.perf_counter() - t0)
     emb = prompt_embeddings(root, cfg.prompt, cache_dir=cfg.cache_dir)
     _log.info("prompt embeddings ready in %.1f s", time.perf_counter() - t0)
     want = unet_cfg.cross_attention_dim[unet_cfg.feature_block]
@@ -349,16 +435,8 @@ def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig(
                 f"embedding from text_encoder_2, got {got}"
             )
         time_ids = jnp.asarray(sdxl_time_ids((cfg.resolution, cfg.resolution)))
-    abar = load_alphas_cumprod(root)
-    if not 0 <= cfg.timestep < len(abar):
-        raise ValueError(f"timestep {cfg.timestep} is outside the schedule's [0, {len(abar)})")
-    side = cfg.resolution // vae_cfg.downscale
     cond = Conditioning(
-        noise=(
-            load_noise_file(cfg.noise_file, (side, side, vae_cfg.latent_channels)) if cfg.noise_source == "file"
-            else shared_noise(cfg.seed, (side, side, vae_cfg.latent_channels), source=cfg.noise_source,
-                              cache_dir=cfg.cache_dir)
-        ),
+        noise=noise,
         alpha_bar=jnp.asarray(abar[cfg.timestep], jnp.float32),
         encoder_hidden_states=jnp.asarray(emb.encoder_hidden_states, jnp.float32),
         text_embeds=None if emb.text_embeds is None else jnp.asarray(emb.text_embeds, jnp.float32),

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 
 from spark_jax.checkpoint import (
     CheckpointError,
@@ -72,6 +73,8 @@ def _conditioning_digest(root: Path, prompt: str) -> str:
     for tok, enc in _encoder_folders(root):
         for folder in (tok, enc):
             for f in sorted(folder.iterdir()):
+                if (err := dangling_link_error(f)) is not None:
+                    raise err
                 if f.is_file():
                     st = f.resolve().stat()
                     h.update(f"{folder.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -105,8 +108,11 @@ def compute_prompt_embeddings(root: str | os.PathLike, prompt: str = "") -> Prom
                 tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
                 cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel
                 encoder = cls.from_pretrained(enc_dir, local_files_only=True, dtype=torch.float32).eval()
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"cannot load {tok_dir} / {enc_dir}: {e}") from e
+            except (OSError, ValueError, SafetensorError) as e:
+                raise CheckpointError(
+                    f"cannot load {tok_dir} / {enc_dir}: {e}. A file there is missing, truncated or corrupt: "
+                    "download the model again"
+                ) from e
             ids = tokenizer(
                 prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                 return_tensors="pt",
@@ -122,6 +128,12 @@ def compute_prompt_embeddings(root: str | os.PathLike, prompt: str = "") -> Prom
                 if i == 1:
                     pooled = out.text_embeds[0].float().numpy()
     states = torch.cat(hidden, dim=-1).float().numpy()
+    for name, arr in (("token embeddings", states), ("pooled embedding", pooled)):
+        if arr is not None and not np.isfinite(arr).all():  # NaN weights in a text encoder would reach every feature
+            raise CheckpointError(
+                f"the prompt's {name} from {', '.join(str(enc) for _, enc in pairs)} are not finite: a text "
+                "encoder's weights are corrupt (NaN or Inf); download the model again"
+            )
     return PromptEmbeddings(states, pooled)
 
 
@@ -229,33 +241,55 @@ def add_noise(latents: jax.Array, noise: jax.Array, alpha_bar: float | jax.Array
 
 
 def load_noise_file(path: str | os.PathLike, shape: tuple[int, int, int]) -> jax.Array:
-    """The noise tensor of ``BackboneConfig(noise_source="file")``: a ``.npy`` in torch's layout.
+    """The noise tensor of ``BackboneConfig(noise_source="file")``: a ``.npy`` array in torch's layout.
+
+    The format is what ``np.save(path, torch.randn(1, c, h, w, ...).cpu().numpy())`` writes: one array of shape
+    [1, c, h, w] (NCHW, h = w = resolution / 8 for SD-family VAEs), any float dtype (cast to float32; save the
+    float32 draw itself to reproduce it exactly), every value finite. Channels-last files are refused, not
+    guessed: a [1, h, w, c] array would be read as another noise.
 
     Args:
-      path: ``.npy`` holding float [1, c, h, w] (what ``torch.randn(1, c, h, w, ...).cpu().numpy()`` gives, e.g.
-        DiffCut's CUDA draw saved once where a GPU is).
+      path: the ``.npy`` file, e.g. DiffCut's CUDA draw saved once where a GPU is.
       shape: (h, w, c) of one latent at the configured resolution.
 
     Returns:
       [1, h, w, c] float32 (channels last, as ``shared_noise``).
 
     Raises:
-      CheckpointError: the file is missing or unreadable, or its shape, dtype or values are wrong (named).
+      CheckpointError: the file is missing or unreadable, or its shape, dtype or values are wrong; the message
+        names the file, what it holds and what is expected.
     """
     h, w, c = shape
+    name = f"noise_file {str(path)!r}"
+    want = f"(1, {c}, {h}, {w})"
+    save_hint = "save the draw with np.save(path, eps.cpu().numpy()) where eps = torch.randn(1, c, h, w, ...)"
+    if not Path(path).is_file():
+        raise CheckpointError(f"{name} does not exist (or is not a file); {save_hint}, shape {want}")
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"noise_file {str(path)!r} cannot be read as a .npy array ({e})") from e
+        raise CheckpointError(f"{name} cannot be read as a .npy array ({e}); {save_hint}") from e
+    if not isinstance(arr, np.ndarray):  # an .npz archive under a .npy name
+        arr.close()
+        raise CheckpointError(f"{name} is an .npz archive, not one .npy array; {save_hint}")
     if arr.shape != (1, c, h, w):
+        layout = (
+            f"; it looks channels-last: store torch's NCHW layout (arr.transpose(0, 3, 1, 2))"
+            if arr.shape == (1, h, w, c) else ""
+        )
         raise CheckpointError(
-            f"noise_file {str(path)!r} holds shape {arr.shape}; the latent at this resolution needs (1, {c}, {h}, {w}) "
-            "in torch's NCHW layout (as torch.randn(1, c, h, w) draws it)"
+            f"{name} holds shape {arr.shape}; the latent at this resolution needs {want} in torch's NCHW layout "
+            f"(as torch.randn(1, c, h, w) draws it){layout}"
         )
     if not np.issubdtype(arr.dtype, np.floating):
-        raise CheckpointError(f"noise_file {str(path)!r} holds {arr.dtype} values; Gaussian noise is floating point")
+        raise CheckpointError(
+            f"{name} holds {arr.dtype} values; Gaussian noise is floating point (float32 as torch draws it)"
+        )
     if not np.isfinite(arr).all():
-        raise CheckpointError(f"noise_file {str(path)!r} holds {int((~np.isfinite(arr)).sum())} non-finite values")
+        raise CheckpointError(
+            f"{name} holds {int((~np.isfinite(arr)).sum())} non-finite values (NaN or Inf) of {arr.size}; "
+            "the file is damaged: save the draw again"
+        )
     return jnp.asarray(np.ascontiguousarray(arr.transpose(0, 2, 3, 1)), jnp.float32)
 
 
@@ -268,9 +302,11 @@ def shared_noise(
       seed: generator seed (42 in the reference).
       shape: (h, w, c) of one latent.
       source: "jax" draws from JAX's generator (same distribution as the reference, another
-        sample); "torch" reproduces the reference's draw ``torch.randn((1, c, h, w),
-        generator=torch.Generator("cpu").manual_seed(seed))`` exactly. It needs torch on first use
-        and is then cached as ``.npy``. (A CUDA generator draws other numbers than the CPU one.)
+        sample); "torch" is exactly ``torch.randn((1, c, h, w), generator=torch.Generator("cpu")
+        .manual_seed(seed))``, needs torch on first use and is then cached as ``.npy``. That is
+        DiffCut's draw only where DiffCut ran without a GPU: its ``tools/ldm.py`` seeds
+        ``torch.Generator(device=self.device)`` on ``cuda:0`` when one is available, and torch's CUDA
+        generator draws other numbers than its CPU one. Pass such a draw with ``load_noise_file``.
       cache_dir: cache of the torch draw (default ``default_cache_dir()``).
     """
     if source == "jax":
@@ -281,7 +317,10 @@ def shared_noise(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = root / "noise" / f"torch-cpu-seed{seed}-{c}x{h}x{w}.npy"
     if path.is_file():
-        return jnp.asarray(np.load(path))
+        with contextlib.suppress(OSError, ValueError, EOFError):  # a damaged entry is drawn again below
+            cached = np.load(path, allow_pickle=False)
+            if isinstance(cached, np.ndarray) and cached.shape == (1, h, w, c) and np.isfinite(cached).all():
+                return jnp.asarray(cached, jnp.float32)
     try:
         import torch
     except ImportError as e:
