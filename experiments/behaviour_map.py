@@ -28,8 +28,8 @@ import numpy as np
 from absl import app, flags
 
 from spark_jax.config import SparkConfig
-from spark_jax.spark import segment_tokens
-from spark_jax.synthetic import NUM_PLANTED_REGIONS, planted_miou, planted_token_features
+from spark_jax.methods.spark import segment_tokens
+from spark_jax.testing.synthetic import NUM_PLANTED_REGIONS, planted_miou, planted_token_features
 
 _GRID = flags.DEFINE_integer("grid", 24, "Token grid side (SSD-1B at 1024 px gives 32; 24 keeps the default run short).")
 _CHANNELS = flags.DEFINE_integer("channels", 64, "Feature channels of the planted features.")

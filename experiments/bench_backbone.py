@@ -222,9 +222,9 @@ def _jax_extractor(root: Path, size: int):
     import jax
     import jax.numpy as jnp
 
-    from spark_jax.backbone import Backbone, BackboneConfig, Conditioning
-    from spark_jax.checkpoint import load_unet_encoder, load_vae_encoder
-    from spark_jax.conditioning import load_alphas_cumprod, shared_noise
+    from spark_jax.backbones.diffusion import Backbone, BackboneConfig, Conditioning
+    from spark_jax.models.convert import load_unet_encoder, load_vae_encoder
+    from spark_jax.backbones.conditioning import load_alphas_cumprod, shared_noise
 
     cfg = BackboneConfig(resolution=size, cache_dir=str(root / "cache"))
     t0 = time.perf_counter()

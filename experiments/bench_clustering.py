@@ -9,7 +9,7 @@ For each token grid and batch size it times, after compilation:
     slowest converges, which a CPU pays for in full,
   * jax with the fixed-point propagation of Eq. 10 and with a bounded number of label columns
     (32x32 only: the label-column choices of reference-facts section 9),
-  * the NumPy transcription (`spark_jax.numpy_reference`, float64, iterative propagation with
+  * the NumPy transcription (`spark_jax.testing.numpy_reference`, float64, iterative propagation with
     exactly K columns) on the same images, image by image: its MCL + propagation only (S is
     built outside the timer), so the ratio is conservative: the JAX time includes building S.
 Memory: XLA's own accounting of the compiled program (arguments + outputs + temporaries) for
@@ -26,10 +26,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from spark_jax import numpy_reference as ref
+from spark_jax.testing import numpy_reference as ref
 from spark_jax.config import SparkConfig
-from spark_jax.spark import segment_tokens_batch
-from spark_jax.synthetic import planted_token_features
+from spark_jax.methods.spark import segment_tokens_batch
+from spark_jax.testing.synthetic import planted_token_features
 
 _GRIDS = flags.DEFINE_list("grids", ["32", "64"], "Token grid sides.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")

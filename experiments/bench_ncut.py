@@ -5,7 +5,7 @@
     python -m experiments.bench_ncut --grids=64 --methods=spark,ncut,ncut_lobpcg
 
 For each token grid it builds one image of planted token features
-(`spark_jax.synthetic.planted_token_features`), compiles every method ahead of time (compile
+(`spark_jax.testing.synthetic.planted_token_features`), compiles every method ahead of time (compile
 time is printed separately), then times `--repeats` calls (`--repeats_large` at grids >= 64)
 and reports the best wall time and its ratio to SPARK's, measured in the same run:
 
@@ -46,13 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from spark_jax.autosc import AutoSCConfig, autosc
+from spark_jax.methods.autosc import AutoSCConfig, autosc
 from spark_jax.config import SparkConfig
 from spark_jax.evaluation import confusion, iou_from_counts, match_counts
-from spark_jax.kmeans import KMeansConfig, kmeans_tokens
-from spark_jax.ncut import NCutConfig, recursive_ncut
-from spark_jax.spark import segment_tokens
-from spark_jax.synthetic import planted_token_features
+from spark_jax.methods.kmeans import KMeansConfig, kmeans_tokens
+from spark_jax.graph.ncut import NCutConfig, recursive_ncut
+from spark_jax.methods.spark import segment_tokens
+from spark_jax.testing.synthetic import planted_token_features
 
 _METHODS = ("spark", "ncut", "ncut_lobpcg", "autosc", "kmeans")
 

@@ -1,4 +1,4 @@
-r"""Benchmark: PAMR in JAX (spark_jax.pamr) against a PyTorch formulation of the published module.
+r"""Benchmark: PAMR in JAX (spark_jax.masks.pamr) against a PyTorch formulation of the published module.
 
 The PyTorch side follows the structure of the original PAMR module (Araslanov & Roth 2020), which
 DiffCut's evaluation runs: shift kernels applied with dilated ``conv2d`` on replicate-padded inputs,
@@ -51,7 +51,7 @@ _THREADS = flags.DEFINE_integer(
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic image and labels.")
 _FRAMEWORKS = flags.DEFINE_list(
     "frameworks", ["jax", "torch", "torch_slices"],
-    "Implementations: jax (spark_jax.pamr), torch (the published module's conv2d formulation), "
+    "Implementations: jax (spark_jax.masks.pamr), torch (the published module's conv2d formulation), "
     "torch_slices (a leaner torch formulation: replicate pad once, neighbours as slices).")
 
 
@@ -98,7 +98,7 @@ def _run_jax(inputs: str, output: str, num_iter: int, dilations: tuple[int, ...]
     import jax
     import jax.numpy as jnp
 
-    from spark_jax.pamr import pamr
+    from spark_jax.masks.pamr import pamr
 
     data = np.load(inputs)
     image, masks = jnp.asarray(data["image"]), jnp.asarray(data["masks"])

@@ -10,7 +10,7 @@ The search has two stages, both on the calibration set:
 
 1. a grid over the fusion weight beta and the inflation r, for the fixed sharpening exponent
    (``--sharpen``) and for the automatic one (``sharpen_mode='entropy'``, ``--targets``: effective neighbours
-   per token as a fraction of the tokens, see :func:`spark_jax.affinity.entropy_sharpness`);
+   per token as a fraction of the tokens, see :func:`spark_jax.graph.affinity.entropy_sharpness`);
 2. a finer sweep of r (``--refine_inflation``) at the best (sharpening, beta) of each sharpening mode.
 
 The choice is the best calibration mIoU; settings within ``--tie`` of it count as tied, and among them the
@@ -47,11 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from spark_jax import affinity
+from spark_jax.graph import affinity
 from spark_jax.config import SparkConfig
-from spark_jax.datasets.base import Dataset, Sample
-from spark_jax.datasets.demo import DEMO_LABEL_SPACE, demo_image
-from spark_jax.preprocess import prepare_image
+from spark_jax.data.base import Dataset, Sample
+from spark_jax.data.demo import DEMO_LABEL_SPACE, demo_image
+from spark_jax.data.preprocess import prepare_image
 from spark_jax.runner import ResolvedBackbone, RunConfig, resolve_backbone, run
 
 # Far above any demo benchmark size (--demo_images defaults to 8): the calibration set never overlaps it.

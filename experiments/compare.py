@@ -32,7 +32,7 @@ from typing import Any
 from absl import app, flags
 
 from experiments import run_flags
-from spark_jax.datasets import DATASETS, Dataset, DatasetNotFoundError, get_dataset
+from spark_jax.data import DATASETS, Dataset, DatasetNotFoundError, get_dataset
 from spark_jax.runner import (
     BackboneNotFoundError,
     ResolvedBackbone,

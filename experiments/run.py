@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 
 from experiments import run_flags
-from spark_jax.datasets import DATASETS, DatasetNotFoundError
+from spark_jax.data import DATASETS, DatasetNotFoundError
 from spark_jax.runner import METHODS, BackboneNotFoundError, OutputPathError, RunConfig, run
 
 FLAGS = flags.FLAGS

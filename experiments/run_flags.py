@@ -20,13 +20,13 @@ from typing import Any
 
 from absl import flags
 
-from spark_jax.autosc import AutoSCConfig
-from spark_jax.backbone import MATMUL_PRECISIONS, NOISE_SOURCES, BackboneConfig
+from spark_jax.methods.autosc import AutoSCConfig
+from spark_jax.backbones.diffusion import MATMUL_PRECISIONS, NOISE_SOURCES, BackboneConfig
 from spark_jax.config import SparkConfig
 from spark_jax.evaluation import PROTOCOLS
-from spark_jax.kmeans import KMeansConfig
-from spark_jax.ncut import NCutConfig
-from spark_jax.pamr import PamrConfig
+from spark_jax.methods.kmeans import KMeansConfig
+from spark_jax.graph.ncut import NCutConfig
+from spark_jax.masks.pamr import PamrConfig
 from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
 from spark_jax.runner import BACKBONES, ON_BAD_SAMPLE, BackboneNotFoundError, RunConfig, backbone_kind
 
@@ -35,9 +35,9 @@ FLAGS = flags.FLAGS
 # Config dataclass -> (flag prefix, RunConfig field, module named in the help).
 CONFIG_FLAGS: dict[type, tuple[str, str, str]] = {
     SparkConfig: ("", "spark", "spark_jax/config.py"),
-    NCutConfig: ("ncut_", "ncut", "spark_jax/ncut.py"),
-    AutoSCConfig: ("autosc_", "autosc", "spark_jax/autosc.py"),
-    KMeansConfig: ("kmeans_", "kmeans", "spark_jax/kmeans.py"),
+    NCutConfig: ("ncut_", "ncut", "spark_jax/graph/ncut.py"),
+    AutoSCConfig: ("autosc_", "autosc", "spark_jax/methods/autosc.py"),
+    KMeansConfig: ("kmeans_", "kmeans", "spark_jax/methods/kmeans.py"),
 }
 
 flags.DEFINE_string("output_dir", None, "Output folder (experiments.run: default "

@@ -3,16 +3,16 @@
 The public API; each name lives in the module named after its concept (see WORKSPACE.md).
 """
 
-from spark_jax.autosc import AutoSCConfig, AutoSCResult, autosc, autosc_batch
-from spark_jax.backbone import Backbone, BackboneConfig, load_backbone
-from spark_jax.checkpoint import CheckpointError
+from spark_jax.methods.autosc import AutoSCConfig, AutoSCResult, autosc, autosc_batch
+from spark_jax.backbones.diffusion import Backbone, BackboneConfig, load_backbone
+from spark_jax.backbones.checkpoint import CheckpointError
 from spark_jax.config import SparkConfig
-from spark_jax.kmeans import KMeansConfig, KMeansResult, kmeans_tokens, kmeans_tokens_batch
-from spark_jax.ncut import NCutConfig, NCutResult, recursive_ncut, recursive_ncut_batch
-from spark_jax.pamr import PamrConfig, pamr, refine_labels
+from spark_jax.methods.kmeans import KMeansConfig, KMeansResult, kmeans_tokens, kmeans_tokens_batch
+from spark_jax.graph.ncut import NCutConfig, NCutResult, recursive_ncut, recursive_ncut_batch
+from spark_jax.masks.pamr import PamrConfig, pamr, refine_labels
 from spark_jax.pipeline import PipelineConfig, Segmentation, segment, segment_features
-from spark_jax.spark import SegmentResult, check_features, segment_tokens, segment_tokens_batch
-from spark_jax.upsample import concept_assignment, upsample_labels, upsample_soft_labels
+from spark_jax.methods.spark import SegmentResult, check_features, segment_tokens, segment_tokens_batch
+from spark_jax.masks.upsample import concept_assignment, upsample_labels, upsample_soft_labels
 
 __all__ = [
     "AutoSCConfig",

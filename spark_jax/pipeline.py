@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from spark_jax.config import SparkConfig
-from spark_jax.pamr import PamrConfig, label_capacity, refine_labels
-from spark_jax.preprocess import prepare_image, resize_bilinear
-from spark_jax.spark import SegmentResult, check_token_features, num_label_columns, segment_tokens
-from spark_jax.upsample import concept_assignment, upsample_labels
+from spark_jax.masks.pamr import PamrConfig, label_capacity, refine_labels
+from spark_jax.data.preprocess import prepare_image
+from spark_jax.masks.resample import resize_bilinear
+from spark_jax.methods.spark import SegmentResult, check_token_features, num_label_columns, segment_tokens
+from spark_jax.masks.upsample import concept_assignment, upsample_labels
 
 Upsampling = Literal["soft_labels", "concept"]
 

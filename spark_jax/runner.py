@@ -50,19 +50,20 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from spark_jax.autosc import AutoSCConfig, autosc_batch
-from spark_jax.backbone import BackboneConfig, load_backbone
+from spark_jax.methods.autosc import AutoSCConfig, autosc_batch
+from spark_jax.backbones.diffusion import BackboneConfig, load_backbone
 from spark_jax.config import SparkConfig
-from spark_jax.datasets import BadSampleError, Dataset, Sample, get_dataset
+from spark_jax.data import BadSampleError, Dataset, Sample, get_dataset
 from spark_jax.evaluation import PROTOCOLS, Evaluator, LabelSpace, protocol_labels
-from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
-from spark_jax.kmeans import KMeansConfig, kmeans_tokens
-from spark_jax.ncut import NCutConfig, recursive_ncut_batch
-from spark_jax.pamr import PamrConfig, label_capacity, refine_labels
+from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
+from spark_jax.methods.kmeans import KMeansConfig, kmeans_tokens
+from spark_jax.graph.ncut import NCutConfig, recursive_ncut_batch
+from spark_jax.masks.pamr import PamrConfig, label_capacity, refine_labels
 from spark_jax.pipeline import PipelineConfig, segment_features
 from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
-from spark_jax.preprocess import prepare_image, prepare_label, resize_bilinear
-from spark_jax.upsample import concept_assignment
+from spark_jax.data.preprocess import prepare_image, prepare_label
+from spark_jax.masks.resample import resize_bilinear
+from spark_jax.masks.upsample import concept_assignment
 
 __all__ = [
     "RunConfig",
@@ -142,7 +143,7 @@ class RunConfig:
         allow_nonfinite_features: score images whose backbone features hold NaN/Inf (those tokens act as zero
             vectors; counted in ``metrics.json``) instead of stopping with the count and the likely cause.
         timestep, seed, noise_source, noise_file, unet_dtype: the diffusion backbone's settings
-            (:class:`spark_jax.backbone.BackboneConfig`, the reference pipeline's defaults); unused by the
+            (:class:`spark_jax.backbones.diffusion.BackboneConfig`, the reference pipeline's defaults); unused by the
             handcrafted backbone.
         backbone_precision: the diffusion backbone's ``BackboneConfig.matmul_precision`` (``highest``: exact).
     """

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from spark_jax import SparkConfig
-from spark_jax import affinity
-from spark_jax import numpy_reference as ref
+from spark_jax.graph import affinity
+from spark_jax.testing import numpy_reference as ref
 
 
 def _features(h=5, w=7, c=6, seed=0):
@@ -113,7 +113,7 @@ def _np_entropy_sharpness(a, fraction):
 
 
 def _planted_affinity(seed, noise=0.5, side=8):
-    from spark_jax.synthetic import planted_token_features
+    from spark_jax.testing.synthetic import planted_token_features
 
     x, _ = planted_token_features(seed, side, side, 16, noise=noise)
     return np.asarray(affinity.global_affinity(x.reshape(side * side, 16)))

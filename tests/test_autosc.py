@@ -1,4 +1,4 @@
-"""Specification of AutoSC (spark_jax.autosc) against a NumPy/SciPy transcription.
+"""Specification of AutoSC (spark_jax.methods.autosc) against a NumPy/SciPy transcription.
 
 The transcription follows DiffCut Sec. 4.3 and the released `autosc.py` conventions, in
 float64: min-max cosine affinity, exponents (1, 5, 10, 15), SciPy's dense eigh of
@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from spark_jax.autosc import (
+from spark_jax.methods.autosc import (
     AutoSCConfig,
     autosc,
     autosc_batch,
     cluster_qr,
     relative_eigengap,
 )
-from spark_jax.synthetic import many_regions_features, planted_token_features
+from spark_jax.testing.synthetic import many_regions_features, planted_token_features
 
 PERTURBATION = 1e-5
 PERTURBED_COPIES = 3

@@ -13,7 +13,7 @@ import diffusers  # noqa: E402
 
 from test_backbone_helpers import build_tiny_pipeline, hooked_unet_features  # noqa: E402
 
-from spark_jax.backbone import BackboneConfig, load_backbone, preprocess_images  # noqa: E402
+from spark_jax.backbones.diffusion import BackboneConfig, load_backbone, preprocess_images  # noqa: E402
 
 RES = 128  # tiny VAE downscales 8x, tiny UNet 4x more before the feature point: 4x4 tokens
 
@@ -47,7 +47,7 @@ def test_preprocess_maps_uint8_and_float_alike_to_minus_one_one(shape):
 
 def test_preprocess_is_the_shared_reference_crop_and_resize_in_minus_one_one():
     """The VAE sees preprocess.prepare_image's output (DiffCut's loader), mapped to [-1, 1]."""
-    from spark_jax.preprocess import prepare_image
+    from spark_jax.data.preprocess import prepare_image
 
     img = np.random.default_rng(4).integers(0, 256, (2, 41, 60, 3), dtype=np.uint8)
     np.testing.assert_allclose(
@@ -98,7 +98,7 @@ def test_features_of_an_image_do_not_depend_on_its_batch(backbone, images):
 
 def test_prepared_images_of_any_source_size_share_one_compiled_extractor(backbone, images):
     """Preparing each image on its own, then batching the squares, gives the raw path's features."""
-    from spark_jax.preprocess import prepare_image
+    from spark_jax.data.preprocess import prepare_image
 
     prepared = prepare_image(jnp.asarray(images), RES)
     np.testing.assert_allclose(backbone.extract_features_prepared(prepared), backbone.extract_features(images), atol=1e-5)
@@ -121,7 +121,7 @@ def test_backbone_equals_a_plain_jit_of_the_pure_function(backbone, images):
     """The Backbone's program (CPU compiler options) and a plain jit of extract_features agree."""
     from flax import nnx
 
-    from spark_jax.backbone import extract_features
+    from spark_jax.backbones.diffusion import extract_features
 
     whole = jax.jit(
         lambda up, vp, cond, x: extract_features(
@@ -133,7 +133,7 @@ def test_backbone_equals_a_plain_jit_of_the_pure_function(backbone, images):
 
 
 def test_torch_noise_source_reproduces_the_reference_draw_and_is_cached(tmp_path, monkeypatch):
-    from spark_jax.conditioning import shared_noise
+    from spark_jax.backbones.conditioning import shared_noise
 
     ours = shared_noise(42, (8, 6, 4), source="torch", cache_dir=tmp_path)
     ref = torch.randn((1, 4, 8, 6), generator=torch.Generator("cpu").manual_seed(42))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from spark_jax import SparkConfig, check_features, segment_tokens, segment_tokens_batch
-from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
-from spark_jax.pamr import refine_labels
+from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
+from spark_jax.masks.pamr import refine_labels
 from spark_jax.pipeline import PipelineConfig, segment, segment_features
 
 BACKBONE = HandcraftedBackbone(HandcraftedConfig(resolution=64, patch=8))  # 8x8 tokens of 15 channels

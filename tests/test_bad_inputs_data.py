@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from spark_jax.datasets import BadSample, BadSampleError, Dataset, get_dataset
-from spark_jax.datasets import demo as demo_module
-from spark_jax.datasets.base import read_label, read_rgb
-from spark_jax.datasets.demo import DemoDataset
+from spark_jax.data import BadSample, BadSampleError, Dataset, get_dataset
+from spark_jax.data import demo as demo_module
+from spark_jax.data.base import read_label, read_rgb
+from spark_jax.data.demo import DemoDataset
 from spark_jax.evaluation import Evaluator, LabelSpace
-from spark_jax.preprocess import prepare_label
+from spark_jax.data.preprocess import prepare_label
 
 H, W = 10, 14
 VOID = 255

@@ -22,9 +22,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 from test_backbone_helpers import build_tiny_pipeline
 
-from spark_jax.backbone import BackboneConfig, extract_features, load_backbone
-import spark_jax.checkpoint as checkpoint
-from spark_jax.checkpoint import CheckpointError
+from spark_jax.backbones.diffusion import BackboneConfig, extract_features, load_backbone
+import spark_jax.models.convert as convert
+from spark_jax.backbones.checkpoint import CheckpointError
 
 RES = 128  # 16 x 16 latents, 4 x 4 tokens
 LATENT = (1, 4, RES // 8, RES // 8)  # torch's NCHW noise layout
@@ -181,7 +181,7 @@ CASES = [
          (rf"unet/{W}", "truncated or corrupt"), before_weights=False),
     Case("text encoder weights truncated", overwrite(TEXT_WEIGHTS, lambda d: d[: len(d) // 2]), {},
          CheckpointError, ("text_encoder_2", "truncated or corrupt"), before_weights=False),
-    # non-finite weights: checked once at conversion (measured cost in checkpoint.convert_checkpoint)
+    # non-finite weights: checked once at conversion (measured cost in convert.convert_checkpoint)
     Case("NaN in a UNet weight", poison(f"unet/{W}", "conv_in.weight", np.nan), {}, CheckpointError,
          (rf"unet/{W} holds non-finite weights", r"conv_in\.weight \(1 of \d+\)", "download it again"),
          before_weights=False),
@@ -237,8 +237,8 @@ def test_bad_checkpoint_or_setting(case, pipe, tmp_path, monkeypatch):
     settings = case.settings(root) if callable(case.settings) else case.settings
     kw = {"resolution": RES, **settings}
     conversions = []
-    convert = checkpoint.convert_checkpoint
-    monkeypatch.setattr(checkpoint, "convert_checkpoint", lambda *a, **k: conversions.append(1) or convert(*a, **k))
+    real_convert = convert.convert_checkpoint
+    monkeypatch.setattr(convert, "convert_checkpoint", lambda *a, **k: conversions.append(1) or real_convert(*a, **k))
     with pytest.raises(case.error) as info:
         load_backbone(root, BackboneConfig(cache_dir=str(tmp_path / "cache"), **kw))
     for fragment in case.message:

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from spark_jax.config import SparkConfig
-from spark_jax.datasets.base import BadSampleError, Dataset, Sample
-from spark_jax.datasets.demo import DEMO_LABEL_SPACE, demo_image
-from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
+from spark_jax.data.base import BadSampleError, Dataset, Sample
+from spark_jax.data.demo import DEMO_LABEL_SPACE, demo_image
+from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
 from spark_jax.runner import (
     BadDataError,
     CorruptRunError,

@@ -5,7 +5,7 @@ import pytest
 
 from experiments import calibrate_demo as cal
 from spark_jax.config import SparkConfig
-from spark_jax.datasets.demo import DemoDataset, demo_image
+from spark_jax.data.demo import DemoDataset, demo_image
 
 
 def _row(miou, segments, **spark):

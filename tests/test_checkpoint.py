@@ -16,13 +16,9 @@ import diffusers  # noqa: E402,F401  (oracles are imported plainly: see conftest
 
 from test_backbone_helpers import build_tiny_pipeline  # noqa: E402
 
-import spark_jax.checkpoint as checkpoint  # noqa: E402
-from spark_jax.checkpoint import (  # noqa: E402
-    CheckpointError,
-    load_unet_encoder,
-    load_vae_encoder,
-    resolve_pretrained,
-)
+import spark_jax.models.convert as convert  # noqa: E402
+from spark_jax.backbones.checkpoint import CheckpointError, resolve_pretrained  # noqa: E402
+from spark_jax.models.convert import load_unet_encoder, load_vae_encoder  # noqa: E402
 from spark_jax.models import UnsupportedArchitectureError  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -200,9 +196,9 @@ def test_second_load_reads_the_cache_and_a_changed_file_invalidates_it(copy_root
     first, _ = load_unet_encoder(copy_root, cache_dir=cache)
     assert len(list((cache / "converted").glob("unet-*.safetensors"))) == 1
 
-    real_convert = checkpoint.convert_checkpoint
+    real_convert = convert.convert_checkpoint
     calls = []
-    monkeypatch.setattr(checkpoint, "convert_checkpoint", lambda *a, **k: calls.append(1) or real_convert(*a, **k))
+    monkeypatch.setattr(convert, "convert_checkpoint", lambda *a, **k: calls.append(1) or real_convert(*a, **k))
     cached, _ = load_unet_encoder(copy_root, cache_dir=cache)
     assert calls == []
     _assert_same_params(first, cached)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from experiments.compare import ENTRIES, compare, run_dir, to_markdown
 from spark_jax.config import SparkConfig
-from spark_jax.handcrafted import HandcraftedBackbone
+from spark_jax.backbones.handcrafted import HandcraftedBackbone
 from spark_jax.runner import RunConfig, load_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

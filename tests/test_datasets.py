@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spark_jax.datasets import DATASETS, DatasetNotFoundError, get_dataset
-from spark_jax.datasets.cityscapes import CITYSCAPES_ID_NAMES, CITYSCAPES_LABEL_SPACE, CITYSCAPES_RAW_LABELS
-from spark_jax.datasets.coco import COARSE_NAMES, COCO_THING_NAMES, FINE_TO_COARSE
-from spark_jax.datasets.demo import DEMO_LABEL_SPACE, DemoDataset, demo_image
+from spark_jax.data import DATASETS, DatasetNotFoundError, get_dataset
+from spark_jax.data.cityscapes import CITYSCAPES_ID_NAMES, CITYSCAPES_LABEL_SPACE, CITYSCAPES_RAW_LABELS
+from spark_jax.data.coco import COARSE_NAMES, COCO_THING_NAMES, FINE_TO_COARSE
+from spark_jax.data.demo import DEMO_LABEL_SPACE, DemoDataset, demo_image
 
 H, W = 12, 17
 IGNORE = 255

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig, features_from_prepared, handcrafted_features
-from spark_jax.preprocess import prepare_image
+from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig, features_from_prepared, handcrafted_features
+from spark_jax.data.preprocess import prepare_image
 
 CFG = HandcraftedConfig(resolution=64, patch=8)
 

@@ -1,4 +1,4 @@
-"""Specification of K-means (spark_jax.kmeans) against scikit-learn and a NumPy transcription.
+"""Specification of K-means (spark_jax.methods.kmeans) against scikit-learn and a NumPy transcription.
 
 spark_jax runs in float32, the references in float64: discrete outputs (seed indices, labels,
 iteration counts) are compared only on fixtures whose every decision has a margin above 1e-4
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spark_jax.kmeans import (
+from spark_jax.methods.kmeans import (
     KMeansConfig,
     kmeans,
     kmeans_plusplus,
@@ -23,7 +23,7 @@ from spark_jax.kmeans import (
     kmeans_tokens_batch,
     lloyd,
 )
-from spark_jax.synthetic import planted_token_features
+from spark_jax.testing.synthetic import planted_token_features
 
 sklearn_cluster = pytest.importorskip("sklearn.cluster")
 

@@ -8,10 +8,10 @@ import markov_clustering
 import numpy as np
 import pytest
 
-from spark_jax import affinity
-from spark_jax import markov_flow as mf
-from spark_jax import numpy_reference as ref
-from spark_jax.synthetic import planted_token_features
+from spark_jax.graph import affinity
+from spark_jax.graph import markov_flow as mf
+from spark_jax.testing import numpy_reference as ref
+from spark_jax.testing.synthetic import planted_token_features
 
 
 def _stochastic(n=12, seed=0):

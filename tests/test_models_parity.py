@@ -25,8 +25,8 @@ from test_backbone_helpers import (  # noqa: E402
 )
 
 from experiments.bench_backbone import SSD1B_UNET  # noqa: E402  (the one reconstruction of SSD-1B's config)
-from spark_jax.checkpoint import load_unet_encoder, load_vae_encoder  # noqa: E402
-from spark_jax.conditioning import add_noise, load_alphas_cumprod, prompt_embeddings  # noqa: E402
+from spark_jax.models.convert import load_unet_encoder, load_vae_encoder  # noqa: E402
+from spark_jax.backbones.conditioning import add_noise, load_alphas_cumprod, prompt_embeddings  # noqa: E402
 from spark_jax.models.embeddings import timestep_embedding  # noqa: E402
 
 REL_TOL = 1e-4
@@ -210,7 +210,7 @@ def test_noised_latents_match_diffusers_ddpm(tiny_roots, t):
 
 def test_reference_schedule_abar_50():
     """SDXL's scaled_linear schedule: abar_50 ~ 0.9516 (reference facts, section 1)."""
-    from spark_jax.conditioning import alphas_cumprod
+    from spark_jax.backbones.conditioning import alphas_cumprod
 
     abar = alphas_cumprod({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
     assert abar[50] == pytest.approx(0.9516, abs=1e-4)
@@ -238,7 +238,7 @@ def test_empty_prompt_embeddings_match_pipeline_encode_prompt(tiny_roots, cache_
 def test_prompt_embeddings_are_read_from_cache_without_torch(tiny_roots, cache_dir, monkeypatch):
     root = tiny_roots["sdxl"]
     first = prompt_embeddings(root, cache_dir=cache_dir)
-    import spark_jax.conditioning as conditioning
+    import spark_jax.backbones.conditioning as conditioning
 
     def no_torch(*_a, **_k):
         raise AssertionError("recomputed instead of reading the cache")

@@ -1,4 +1,4 @@
-"""Specification of DiffCut's recursive NCut (spark_jax.ncut) against a NumPy/SciPy transcription.
+"""Specification of DiffCut's recursive NCut (spark_jax.graph.ncut) against a NumPy/SciPy transcription.
 
 The transcription below follows DiffCut's Algorithm 1 (Appendix A) and Eq. 2-3 literally, in
 float64, with the conventions of the released code (`recursive_normalized_cut.py`): induced
@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from spark_jax.ncut import (
+from spark_jax.graph.ncut import (
     NCutConfig,
     best_bipartition,
     recursive_ncut,
@@ -42,7 +42,7 @@ from spark_jax.ncut import (
     recursive_ncut_batch,
     released_segment_labels,
 )
-from spark_jax.synthetic import many_regions_features, planted_token_features
+from spark_jax.testing.synthetic import many_regions_features, planted_token_features
 
 PERTURBATION = 1e-5
 PERTURBED_COPIES = 3

@@ -1,4 +1,4 @@
-"""Specification of spark_jax.pamr against two formulations written from the published description.
+"""Specification of spark_jax.masks.pamr against two formulations written from the published description.
 
 PAMR (Araslanov & Roth 2020), reference-facts section 4: for every dilation d the 8 neighbours at
 d * (dy, dx) with replicate padding; sigma = unbiased std per colour channel over all 9 * |D| window taps
@@ -16,8 +16,8 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from spark_jax.markov_flow import relabel_contiguous
-from spark_jax.pamr import (
+from spark_jax.graph.markov_flow import relabel_contiguous
+from spark_jax.masks.pamr import (
     PamrConfig,
     keep_largest_segments,
     label_capacity,

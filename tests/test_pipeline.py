@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from spark_jax import SparkConfig
-from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
-from spark_jax.pamr import PamrConfig, label_capacity, refine_labels
+from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
+from spark_jax.masks.pamr import PamrConfig, label_capacity, refine_labels
 from spark_jax.pipeline import PipelineConfig, segment, segment_features
-from spark_jax.preprocess import prepare_image, resize_bilinear
+from spark_jax.data.preprocess import prepare_image
+from spark_jax.masks.resample import resize_bilinear
 
 BACKBONE = HandcraftedBackbone(HandcraftedConfig(resolution=64, patch=8))  # 8x8 tokens
 SPARK = SparkConfig(max_clusters=16)

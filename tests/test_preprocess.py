@@ -8,7 +8,7 @@ import pytest
 
 import torch
 
-from spark_jax.preprocess import crop_box, label_indices, prepare_image, prepare_label
+from spark_jax.data.preprocess import crop_box, label_indices, prepare_image, prepare_label
 
 F = torch.nn.functional
 
@@ -96,7 +96,7 @@ def test_prepare_label_rejects_float_labels():
 
 @pytest.mark.parametrize("in_hw, out_hw", [((64, 64), (16, 16)), ((20, 30), (50, 7))])
 def test_resize_bilinear_equals_torch_for_pamr_image(in_hw, out_hw):
-    from spark_jax.preprocess import resize_bilinear
+    from spark_jax.masks.resample import resize_bilinear
 
     x = np.random.default_rng(0).random((2,) + in_hw + (3,), dtype=np.float32)
     ref = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=out_hw, mode="bilinear", align_corners=False)

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spark_jax import affinity
-from spark_jax import numpy_reference as ref
-from spark_jax import propagation
+from spark_jax.graph import affinity
+from spark_jax.testing import numpy_reference as ref
+from spark_jax.graph import propagation
 
 
 def _problem(n=20, k=4, seed=0):

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spark_jax.autosc import AutoSCConfig
+from spark_jax.methods.autosc import AutoSCConfig
 from spark_jax.config import SparkConfig
-from spark_jax.datasets.ade20k import ADE20K_LABEL_SPACE
-from spark_jax.datasets.base import Dataset, Sample
-from spark_jax.datasets.demo import DEMO_LABEL_SPACE, demo_image
-from spark_jax.datasets.voc import VOC_LABEL_SPACE
-from spark_jax.handcrafted import HandcraftedBackbone, HandcraftedConfig
-from spark_jax.kmeans import KMeansConfig
-from spark_jax.ncut import NCutConfig
-from spark_jax.preprocess import prepare_label
+from spark_jax.data.ade20k import ADE20K_LABEL_SPACE
+from spark_jax.data.base import Dataset, Sample
+from spark_jax.data.demo import DEMO_LABEL_SPACE, demo_image
+from spark_jax.data.voc import VOC_LABEL_SPACE
+from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
+from spark_jax.methods.kmeans import KMeansConfig
+from spark_jax.graph.ncut import NCutConfig
+from spark_jax.data.preprocess import prepare_label
 from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
 from spark_jax.runner import BackboneNotFoundError, RunConfig, classes_present, load_results, run
 

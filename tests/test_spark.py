@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from spark_jax import SparkConfig, check_features, segment_tokens, segment_tokens_batch
-from spark_jax import numpy_reference as ref
-from spark_jax.synthetic import planted_layout, planted_miou, planted_token_features
+from spark_jax.testing import numpy_reference as ref
+from spark_jax.testing.synthetic import planted_layout, planted_miou, planted_token_features
 
 # Settings suited to clean planted features (reference-facts section 8): the paper's r = 2.6 on
 # the raw cosine over-segments them, a sharpened global affinity and milder inflation do not.

@@ -1,4 +1,4 @@
-"""Specification of spark_jax.upsample: torch-exact bilinear resampling and DiffCut's concept assignment."""
+"""Specification of spark_jax.masks.upsample: torch-exact bilinear resampling and DiffCut's concept assignment."""
 
 import chex
 import jax
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spark_jax.preprocess import resize_bilinear
-from spark_jax.upsample import (
+from spark_jax.masks.resample import resize_bilinear
+from spark_jax.masks.upsample import (
     bilinear_matrix,
     concept_assignment,
     concept_scores,

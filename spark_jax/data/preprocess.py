@@ -25,7 +25,9 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["crop_box", "prepare_image", "prepare_label", "label_indices", "resize_bilinear"]
+from spark_jax.masks.resample import resize_bilinear
+
+__all__ = ["crop_box", "prepare_image", "prepare_label", "label_indices"]
 
 
 def crop_box(height: int, width: int) -> tuple[int, int, int]:
@@ -56,21 +58,6 @@ def crop_box(height: int, width: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=256)
-def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index pairs and weights of torch's bilinear resize (align_corners=False, no antialias).
-
-    Mirrors ``area_pixel_compute_source_index`` in float32: ``src = (dst + 0.5) * in / out - 0.5``,
-    clamped at 0; ``i0 = floor(src)``, ``i1 = min(i0 + 1, in - 1)``, weight of ``i1`` = ``src - i0``.
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_size, dtype=np.float32)
-    src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
-    i0 = np.minimum(src.astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    w1 = (src - i0.astype(np.float32)).astype(np.float32)
-    return i0.astype(np.int32), i1.astype(np.int32), w1
-
-
 @functools.lru_cache(maxsize=256)
 def _nearest_index(in_size: int, out_size: int, exact: bool) -> np.ndarray:
     """Source indices of torch's ``nearest-exact`` (``exact=True``) or legacy ``nearest`` resize, in float32."""
@@ -108,32 +95,6 @@ def _check_hw(x: jnp.ndarray, what: str, channels: bool) -> tuple[int, int]:
         layout = "[..., H, W, 3] (RGB, channels last)" if channels else "[..., H, W]"
         raise ValueError(f"{what} must have layout {layout}, got shape {tuple(x.shape)}.")
     return (int(x.shape[-3]), int(x.shape[-2])) if channels else (int(x.shape[-2]), int(x.shape[-1]))
-
-
-def resize_bilinear(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
-    """``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` without antialias.
-
-    DiffCut gives PAMR the 1024 input resized this way to the 128x128 mask size.
-
-    Args:
-        x: ``[..., H, W, C]`` float image.
-        height: output height.
-        width: output width.
-
-    Returns:
-        ``[..., height, width, C]`` float32.
-    """
-    x = jnp.asarray(x, jnp.float32)
-    if x.ndim < 3:
-        raise ValueError(f"resize_bilinear expects [..., H, W, C], got shape {tuple(x.shape)}")
-    lead = (1,) * (x.ndim - 3)  # explicit ranks: no implicit rank promotion
-    r0, r1, rw = _bilinear_taps(int(x.shape[-3]), int(height))
-    c0, c1, cw = _bilinear_taps(int(x.shape[-2]), int(width))
-    w_rows = jnp.asarray(rw).reshape(lead + (-1, 1, 1))
-    w_cols = jnp.asarray(cw).reshape(lead + (1, -1, 1))
-    # Rows (axis -3) then columns (axis -2): bilinear interpolation is separable.
-    x = jnp.take(x, r0, axis=-3) * (1.0 - w_rows) + jnp.take(x, r1, axis=-3) * w_rows
-    return jnp.take(x, c0, axis=-2) * (1.0 - w_cols) + jnp.take(x, c1, axis=-2) * w_cols
 
 
 def prepare_image(image: jnp.ndarray, size: int) -> jnp.ndarray:

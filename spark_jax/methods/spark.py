@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spark_jax.affinity import finite_tokens, transition_matrix
+from spark_jax.graph.affinity import finite_tokens, transition_matrix
 from spark_jax.config import SparkConfig
-from spark_jax.markov_flow import extract_clusters, markov_flow
-from spark_jax.propagation import propagate_labels, seed_matrix
+from spark_jax.graph.markov_flow import extract_clusters, markov_flow
+from spark_jax.graph.propagation import propagate_labels, seed_matrix
 
 
 class SegmentResult(NamedTuple):

@@ -1,6 +1,6 @@
 """Benchmark readers and the registry that maps ``--dataset`` names to them.
 
-``get_dataset(name, data_dir)`` returns a :class:`~spark_jax.datasets.base.Dataset`: ``len(ds)``,
+``get_dataset(name, data_dir)`` returns a :class:`~spark_jax.data.base.Dataset`: ``len(ds)``,
 ``ds[i] -> Sample(image uint8 [H, W, 3], label int32 [H, W] | None, image_id)``, ``ds.label_space``; a file
 that cannot be used raises ``BadSampleError`` and ``ds.verify()`` lists every such file before a run.
 Layouts and sources: docs/evaluation.md (and each reader's error message).
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from spark_jax.datasets.ade20k import ADE20K_LABEL_SPACE, ade20k
-from spark_jax.datasets.base import BadSample, BadSampleError, Dataset, DatasetNotFoundError, FileDataset, Sample
-from spark_jax.datasets.cityscapes import CITYSCAPES_LABEL_SPACE, cityscapes
-from spark_jax.datasets.coco import COCO_OBJECT_LABEL_SPACE, COCO_STUFF27_LABEL_SPACE, coco_object, coco_stuff27
-from spark_jax.datasets.context import CONTEXT_LABEL_SPACE, context
-from spark_jax.datasets.demo import DEMO_LABEL_SPACE, DemoDataset
-from spark_jax.datasets.voc import VOC_LABEL_SPACE, voc
+from spark_jax.data.ade20k import ADE20K_LABEL_SPACE, ade20k
+from spark_jax.data.base import BadSample, BadSampleError, Dataset, DatasetNotFoundError, FileDataset, Sample
+from spark_jax.data.cityscapes import CITYSCAPES_LABEL_SPACE, cityscapes
+from spark_jax.data.coco import COCO_OBJECT_LABEL_SPACE, COCO_STUFF27_LABEL_SPACE, coco_object, coco_stuff27
+from spark_jax.data.context import CONTEXT_LABEL_SPACE, context
+from spark_jax.data.demo import DEMO_LABEL_SPACE, DemoDataset
+from spark_jax.data.voc import VOC_LABEL_SPACE, voc
 
 __all__ = ["DATASETS", "LABEL_SPACES", "get_dataset", "BadSample", "BadSampleError", "Dataset", "DatasetNotFoundError",
            "FileDataset", "Sample"]

@@ -36,9 +36,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from spark_jax.affinity import global_affinity
-from spark_jax.affinity import finite_tokens
-from spark_jax.markov_flow import relabel_contiguous
+from spark_jax.graph.affinity import global_affinity
+from spark_jax.graph.affinity import finite_tokens
+from spark_jax.graph.markov_flow import relabel_contiguous
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Static widths of the QR-pivoting discretisation (powers of 2 from 8; the embedding's width last).

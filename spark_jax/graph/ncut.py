@@ -57,7 +57,7 @@ import jax
 import jax.experimental.sparse.linalg
 import jax.numpy as jnp
 
-from spark_jax.affinity import finite_tokens, global_affinity
+from spark_jax.graph.affinity import finite_tokens, global_affinity
 
 Eigensolver = Literal["eigh", "lobpcg"]
 SegmentCodes = Literal["exact", "float32"]

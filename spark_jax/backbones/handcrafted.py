@@ -1,7 +1,7 @@
 """A weights-free token-feature backbone for the demo and CI: colour, texture and position per token.
 
 This is NOT the paper's backbone (SPARK and DiffCut use SSD-1B self-attention features, see
-``spark_jax.backbone``). It exists so that the whole pipeline — preprocessing, SPARK, upsampling, PAMR,
+``spark_jax.backbones.diffusion``). It exists so that the whole pipeline — preprocessing, SPARK, upsampling, PAMR,
 scoring — runs on a fresh machine with nothing downloaded, and so CI can test it end to end. Its features
 are classical low-level statistics, so it separates regions that differ in colour or texture and knows
 nothing of objects.
@@ -24,7 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from spark_jax.preprocess import prepare_image
+from spark_jax.data.preprocess import prepare_image
 
 __all__ = ["HandcraftedConfig", "handcrafted_features", "HandcraftedBackbone"]
 
@@ -97,7 +97,7 @@ def handcrafted_features(images: jax.Array, cfg: HandcraftedConfig = Handcrafted
 
     Args:
         images: ``[B, H, W, 3]`` uint8 (or float in [0, 1]) RGB, all of one shape; they are center-cropped
-            and resized with :func:`spark_jax.preprocess.prepare_image` (the paper's preprocessing).
+            and resized with :func:`spark_jax.data.preprocess.prepare_image` (the paper's preprocessing).
         cfg: settings.
 
     Returns:
@@ -158,7 +158,7 @@ _prepared_jit = jax.jit(features_from_prepared, static_argnums=1)
 
 
 class HandcraftedBackbone:
-    """The demo/CI backbone behind the same interface as ``spark_jax.backbone``: ``extract_features(images)``.
+    """The demo/CI backbone behind the same interface as ``spark_jax.backbones.diffusion``: ``extract_features(images)``.
 
     Args:
         cfg: settings; ``cfg.resolution`` is the preprocessing size, ``cfg.grid`` the token grid.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from spark_jax.datasets.base import FileDataset, layout_error, raw_label_space, read_id_list, require_dirs
+from spark_jax.data.base import FileDataset, layout_error, raw_label_space, read_id_list, require_dirs
 from spark_jax.evaluation import LabelSpace
 
 __all__ = ["VOC_LABEL_SPACE", "VOC_RAW_LABELS", "VOC_LAYOUT", "voc"]

@@ -16,7 +16,7 @@ What follows DiffCut's evaluation (``eval_diffcut.py``; reference-facts section 
   * 10 iterations with dilations (1, 2, 4, 8) (the module's constructor defaults are 1 iteration and
     dilation 1; Araslanov & Roth's own setting is 10 iterations with dilations (1, 2, 4, 8, 12, 24)),
     applied at the 128x128 scoring size to the one-hot masks of the predicted labels, with the image
-    resized bilinearly (no anti-aliasing: ``spark_jax.preprocess.resize_bilinear``) to 128x128 in [0, 1];
+    resized bilinearly (no anti-aliasing: ``spark_jax.data.preprocess.resize_bilinear``) to 128x128 in [0, 1];
   * then the argmax over labels (ties: lowest id) and a 3x3 median filter of the label map
     (``scipy.ndimage.median_filter(labels, 3)``, default ``mode='reflect'``; see ``median_filter_3x3``).
 The original module also resizes the masks to the image size (bilinear, ``align_corners=True``); in
@@ -148,7 +148,7 @@ def pamr(
     Args:
       image: ``[H, W, C]`` float image, RGB in [0, 1] in the reference.
       masks: ``[H, W, K]`` float masks at the image's size (e.g. one-hot labels, or soft labels
-        upsampled with ``spark_jax.upsample.upsample_soft_labels``).
+        upsampled with ``spark_jax.masks.upsample.upsample_soft_labels``).
       num_iter: static number of propagation steps.
       dilations: static tuple of neighbourhood dilations.
 
@@ -160,7 +160,7 @@ def pamr(
     if masks.ndim != 3 or masks.shape[:2] != image.shape[:2]:
         raise ValueError(
             f"pamr expects masks [H, W, K] at the image's size {image.shape[:2]}; got {masks.shape}. "
-            "Upsample them first (spark_jax.upsample.upsample_soft_labels)."
+            "Upsample them first (spark_jax.masks.upsample.upsample_soft_labels)."
         )
     if not jnp.issubdtype(masks.dtype, jnp.floating):
         raise ValueError(f"pamr expects floating masks; got dtype {masks.dtype}. Use jax.nn.one_hot for labels.")

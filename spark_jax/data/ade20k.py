@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from spark_jax.datasets.base import FileDataset, layout_error, raw_label_space, require_dirs
+from spark_jax.data.base import FileDataset, layout_error, raw_label_space, require_dirs
 from spark_jax.evaluation import LabelSpace
 
 __all__ = ["ADE20K_LABEL_SPACE", "ADE20K_RAW_LABELS", "ADE20K_LAYOUT", "ade20k"]

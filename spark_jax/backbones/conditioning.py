@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 
-from spark_jax.checkpoint import (
+from spark_jax.backbones.checkpoint import (
     CheckpointError,
     dangling_link_error,
     default_cache_dir,

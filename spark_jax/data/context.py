@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from spark_jax.datasets.base import FileDataset, layout_error, raw_label_space, read_id_list, require_dirs
-from spark_jax.datasets.voc import find_voc_root
+from spark_jax.data.base import FileDataset, layout_error, raw_label_space, read_id_list, require_dirs
+from spark_jax.data.voc import find_voc_root
 from spark_jax.evaluation import LabelSpace
 
 __all__ = ["CONTEXT_LABEL_SPACE", "CONTEXT_RAW_LABELS", "CONTEXT_LAYOUT", "context"]

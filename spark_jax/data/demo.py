@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spark_jax.datasets.base import Dataset, Sample, map_raw_labels, raw_label_space
+from spark_jax.data.base import Dataset, Sample, map_raw_labels, raw_label_space
 from spark_jax.evaluation import LabelSpace
 
 __all__ = ["DEMO_LABEL_SPACE", "demo_image", "DemoDataset", "PHOTO_NAMES"]

@@ -32,8 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from spark_jax.affinity import l2_normalize
-from spark_jax.affinity import finite_tokens
+from spark_jax.graph.affinity import l2_normalize
+from spark_jax.graph.affinity import finite_tokens
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

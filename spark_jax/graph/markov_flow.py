@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from spark_jax.affinity import row_normalize
+from spark_jax.graph.affinity import row_normalize
 from spark_jax.config import MclNorm
 
 

@@ -25,18 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spark_jax.checkpoint import (
+from spark_jax.backbones.checkpoint import (
     SDXL_VAE_REQUIRED_FIELDS,
     VAE_REQUIRED_FIELDS,
     CheckpointError,
     check_pipeline_files,
-    load_unet_encoder,
-    load_vae_encoder,
     resolve_pretrained,
-    unet_encoder_config,
-    vae_encoder_config,
 )
-from spark_jax.conditioning import (
+from spark_jax.models.convert import load_unet_encoder, load_vae_encoder, unet_encoder_config, vae_encoder_config
+from spark_jax.backbones.conditioning import (
     add_noise,
     load_alphas_cumprod,
     load_noise_file,
@@ -46,7 +43,7 @@ from spark_jax.conditioning import (
 )
 from spark_jax.models.unet_encoder import UNetEncoder, UNetEncoderConfig
 from spark_jax.models.vae_encoder import VAEEncoder, VAEEncoderConfig
-from spark_jax.preprocess import prepare_image
+from spark_jax.data.preprocess import prepare_image
 
 _log = logging.getLogger(__name__)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

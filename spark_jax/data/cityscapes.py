@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from spark_jax.datasets.base import FileDataset, layout_error, raw_label_space, require_dirs
+from spark_jax.data.base import FileDataset, layout_error, raw_label_space, require_dirs
 from spark_jax.evaluation import LabelSpace
 
 __all__ = ["CITYSCAPES_ID_NAMES", "CITYSCAPES_LABEL_SPACE", "CITYSCAPES_RAW_LABELS", "CITYSCAPES_LAYOUT", "cityscapes"]

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spark_jax.affinity import finite_tokens, l2_normalize  # l2_normalize: torch's F.normalize
+from spark_jax.graph.affinity import finite_tokens, l2_normalize  # l2_normalize: torch's F.normalize
+from spark_jax.masks.resample import bilinear_matrix
 
 __all__ = [
-    "bilinear_matrix",
     "upsample_soft_labels",
     "labels_from_soft_labels",
     "upsample_labels",
@@ -59,37 +59,6 @@ def _check_size(size, name: str = "size") -> tuple[int, int]:
     if out_h <= 0 or out_w <= 0 or (out_h, out_w) != tuple(size):
         raise ValueError(f"{name} must be a pair of positive ints (height, width); got {size!r}.")
     return out_h, out_w
-
-
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """Interpolation matrix of 1-D linear resampling with ``align_corners=False`` semantics.
-
-    Output sample ``o`` reads the source coordinate ``s = max((o + 0.5) * in_size / out_size - 0.5, 0)``
-    and mixes ``floor(s)`` and ``min(floor(s) + 1, in_size - 1)`` with weights ``1 - frac(s)`` and
-    ``frac(s)``: the rule of ``torch.nn.functional.interpolate(mode='bilinear', align_corners=False)``
-    when an output size (not a scale factor) is given. Rows sum to one.
-
-    Args:
-      in_size: number of source samples (>= 1).
-      out_size: number of output samples (>= 1).
-
-    Returns:
-      float32 array ``[out_size, in_size]``; a NumPy constant, since both sizes are static.
-    """
-    if in_size < 1 or out_size < 1:
-        raise ValueError(f"bilinear_matrix needs sizes >= 1; got in_size={in_size}, out_size={out_size}.")
-    # In float32, as torch computes it (opmath of float is float), so floor() lands on the same index.
-    scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_size, dtype=np.float32)
-    src = np.maximum((dst + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0.0))
-    lo = np.minimum(src.astype(np.int64), in_size - 1)  # src >= 0, so truncation is floor
-    hi = np.minimum(lo + 1, in_size - 1)
-    frac = (src - lo.astype(np.float32)).astype(np.float32)
-    mat = np.zeros((out_size, in_size), dtype=np.float32)
-    rows = np.arange(out_size)
-    np.add.at(mat, (rows, lo), np.float32(1.0) - frac)
-    np.add.at(mat, (rows, hi), frac)
-    return mat.astype(np.float32)
 
 
 def upsample_soft_labels(q: jax.Array, size: tuple[int, int]) -> jax.Array:

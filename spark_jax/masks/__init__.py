@@ -1,0 +1,1 @@
+"""From token-grid labels to masks: torch-exact bilinear resampling, upsampling, concept assignment, PAMR."""
