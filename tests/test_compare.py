@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.compare import ENTRIES, compare, run_dir, to_markdown
+from spark_jax.runner import ENTRIES, compare, run_dir, to_markdown
 from spark_jax.config import SparkConfig
 from spark_jax.backbones.handcrafted import HandcraftedBackbone
 from spark_jax.runner import RunConfig, load_results

@@ -1,0 +1,150 @@
+"""Which backbone a run uses: SSD-1B from a checkpoint or the Hugging Face cache, or the weights-free handcrafted
+one; and how its features are identified in the feature cache and in ``run_config.json``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from spark_jax.backbones.diffusion import load_backbone
+from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
+from spark_jax.runner.errors import BackboneNotFoundError
+
+if TYPE_CHECKING:
+    from spark_jax.runner.config import RunConfig
+
+__all__ = [
+    "SSD1B_REPO",
+    "ResolvedBackbone",
+    "as_resolved",
+    "backbone_kind",
+    "backbone_resolution",
+    "digest",
+    "find_cached_checkpoint",
+    "image_digest",
+    "resolve_backbone",
+]
+
+SSD1B_REPO = "segmind/SSD-1B"
+
+_HOW_TO_GET_SSD1B = (
+    "No SSD-1B checkpoint found: pass --checkpoint=/path/to/SSD-1B (a diffusers folder with unet/, vae/, "
+    "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), or download it once into the "
+    "Hugging Face cache with `huggingface-cli download segmind/SSD-1B` (about 9 GB; "
+    "https://huggingface.co/segmind/SSD-1B). To run without weights use --backbone=handcrafted (a weights-free "
+    "demo/CI backbone, NOT the paper's) or --dataset=demo."
+)
+
+
+class ResolvedBackbone(NamedTuple):
+    """A loaded feature extractor and how its features are identified.
+
+    Attributes:
+        backbone: object with ``extract_features(images [B, H, W, 3] uint8) -> [B, h, w, C]`` (and optionally
+            ``extract_features_prepared``) and a ``resolution``.
+        key: identifies its features in the feature cache (backbone kind, checkpoint and settings).
+        description: human-readable, recorded in ``metrics.json``.
+        kind: ``ssd1b`` or ``handcrafted`` (selects the default SPARK preset).
+    """
+
+    backbone: Any
+    key: str
+    description: str
+    kind: str = "user"
+
+
+def find_cached_checkpoint(repo_id: str = SSD1B_REPO) -> str | None:
+    """The newest local Hugging Face cache snapshot of ``repo_id`` holding a UNet, or None."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub"
+    )
+    snapshots = os.path.join(hub, "models--" + repo_id.replace("/", "--"), "snapshots")
+    if not os.path.isdir(snapshots):
+        return None
+    cands = [os.path.join(snapshots, s) for s in os.listdir(snapshots)]
+    cands = [c for c in cands if os.path.isdir(os.path.join(c, "unet"))]
+    return max(cands, key=os.path.getmtime) if cands else None
+
+
+def backbone_kind(cfg: RunConfig) -> tuple[str, str | None]:
+    """``(kind, checkpoint)`` of the backbone ``cfg`` selects, without loading it: ``auto`` is SSD-1B from
+    ``cfg.checkpoint`` or the Hugging Face cache, else the handcrafted backbone for the demo.
+
+    Raises:
+        BackboneNotFoundError: no checkpoint where one is needed; the message says how to get SSD-1B.
+    """
+    checkpoint, kind = cfg.checkpoint, cfg.backbone
+    if kind == "handcrafted":
+        return kind, checkpoint
+    if checkpoint is None:
+        checkpoint = find_cached_checkpoint()
+    if kind == "auto":
+        if checkpoint is None and cfg.dataset == "demo":
+            return "handcrafted", None
+        kind = "ssd1b"
+    if checkpoint is None:
+        raise BackboneNotFoundError(_HOW_TO_GET_SSD1B)
+    return kind, checkpoint
+
+
+def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone:
+    """Loads the backbone ``cfg`` selects (see :class:`RunConfig`); pass it to several :func:`run` calls to load
+    a checkpoint once.
+
+    Raises:
+        BackboneNotFoundError: no checkpoint where one is needed; the message says how to get SSD-1B.
+    """
+    kind, checkpoint = backbone_kind(cfg)
+    if kind == "handcrafted":
+        hc = HandcraftedConfig(resolution=cfg.resolution or 256)
+        key = "handcrafted-" + digest(repr(hc))
+        return ResolvedBackbone(HandcraftedBackbone(hc), key, f"handcrafted (weights-free demo backbone), {hc}", kind)
+    if not os.path.isdir(checkpoint):
+        raise BackboneNotFoundError(f"--checkpoint={checkpoint!r} is not a folder. " + _HOW_TO_GET_SSD1B)
+    bcfg = cfg.backbone_config(cfg.resolution or 1024)
+    noise = "" if bcfg.noise_file is None else _file_digest(bcfg.noise_file)  # the draw, not just its path
+    key = "diffusion-" + digest(os.path.abspath(checkpoint) + repr(bcfg) + noise)
+    return ResolvedBackbone(load_backbone(checkpoint, bcfg), key, f"diffusion backbone from {checkpoint}, {bcfg}",
+                            kind)
+
+
+def as_resolved(cfg: RunConfig, backbone: Any | None) -> ResolvedBackbone:
+    """What :func:`run`'s ``backbone`` argument stands for: None (the one ``cfg`` selects, loaded now), a
+    ResolvedBackbone, or a user's feature extractor (identified by its type and ``cfg`` attribute)."""
+    if backbone is None:
+        return resolve_backbone(cfg)
+    if isinstance(backbone, ResolvedBackbone):
+        return backbone
+    description = f"user-supplied {type(backbone).__name__}"
+    key = "user-" + digest(description + repr(getattr(backbone, "cfg", "")))
+    kind = "handcrafted" if isinstance(backbone, HandcraftedBackbone) else "user"
+    return ResolvedBackbone(backbone, key, description, kind)
+
+
+def backbone_resolution(backbone: Any) -> int:
+    """The side of the images a backbone takes."""
+    if hasattr(backbone, "resolution"):
+        return int(backbone.resolution)
+    return int(backbone.cfg.resolution)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _file_digest(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:12]
+    except OSError:
+        return "unreadable"  # load_backbone names the problem
+
+
+def image_digest(image: np.ndarray) -> str:
+    """A digest of an image's shape and pixels (a changed file never reuses stale features)."""
+    h = hashlib.sha256(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()[:12]

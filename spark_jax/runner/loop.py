@@ -1,0 +1,184 @@
+"""The batch loop: load a batch, prepare it, get its features, call the method, then score, write and log each
+image before the next batch (so an interrupted run loses at most the batch in flight)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spark_jax.data import BadSampleError, Dataset, Sample
+from spark_jax.data.preprocess import prepare_image, prepare_label
+from spark_jax.evaluation import Evaluator
+from spark_jax.runner.backbones import ResolvedBackbone
+from spark_jax.runner.config import RunConfig
+from spark_jax.runner.errors import bad_data_error, nonfinite_error
+from spark_jax.runner.features import batch_features
+from spark_jax.runner.methods import METHODS, MethodInputs, jitted_method
+from spark_jax.runner.outputs import resize_image, write_image_outputs
+from spark_jax.runner.rundir import append_record
+from spark_jax.runner.scoring import classes_present, pamr_refiner, score_image
+
+__all__ = ["STAGES", "Batch", "MethodCaller", "RunState", "run_batches", "verify_data"]
+
+_prep_jit = jax.jit(prepare_image, static_argnums=1)
+
+# Stages of metrics.json's ``timing.stage_seconds``.
+STAGES = ("load", "backbone", "compile", "method", "score", "write")
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the loop accumulates: the finished images' records (earlier sessions' first), the skipped samples,
+    the scores and the time per stage."""
+
+    evaluator: Evaluator
+    records: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    timing: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+
+class Batch:
+    """One batch's samples and their prepared inputs (only the samples that could be read)."""
+
+    def __init__(self, indices: list[int], samples: list[Sample], prepared: jax.Array, labels: list, num_classes):
+        self.indices, self.samples, self.prepared = indices, samples, prepared
+        self.labels, self.num_classes = labels, num_classes
+
+
+def _skip(err: BadSampleError) -> dict[str, Any]:
+    return {"id": err.image_id, "path": err.path, "reason": err.reason}
+
+
+def verify_data(ds: Dataset, pending: list[int], on_bad_sample: str, quiet: bool) -> tuple[list[int], list[dict]]:
+    """Decodes every pending image and label before the run, so that a bad file is named now, with all the
+    others, not after hours of work. Returns the pending indices that can be read and the skipped samples (with
+    ``on_bad_sample='fail'`` a bad sample raises BadDataError instead)."""
+    if not pending or not hasattr(ds, "verify"):
+        return pending, []
+    bad = ds.verify(pending, progress=not quiet)
+    if bad and on_bad_sample == "fail":
+        raise bad_data_error(bad, len(pending))
+    bad_index = {b.index for b in bad}
+    return [i for i in pending if i not in bad_index], [_skip(b) for b in bad]
+
+
+def load_batch(ds: Dataset, indices: list[int], cfg: RunConfig, resolution: int, state: RunState,
+               total: int) -> Batch | None:
+    """Reads and prepares the samples of ``indices``; one that fails now (a file changed after the check) stops
+    the run or is skipped, as ``cfg.on_bad_sample`` says. None if none is left."""
+    kept, samples = [], []
+    for i in indices:
+        try:
+            samples.append(ds[i])
+            kept.append(i)
+        except BadSampleError as err:
+            if cfg.on_bad_sample == "fail":
+                raise bad_data_error([err], total) from None
+            state.skipped.append(_skip(err))
+    if not samples:
+        return None
+    via = resolution if cfg.protocol == "diffcut" else None
+    prepared = jnp.stack([_prep_jit(jnp.asarray(s.image), resolution) for s in samples])
+    gts = [None if s.label is None else np.asarray(prepare_label(s.label, cfg.mask_size, via=via))
+           for s in samples]
+    space = ds.label_space
+    num_classes = [0 if g is None else classes_present(g, space, cfg.protocol) for g in gts]
+    return Batch(kept, samples, prepared, gts, num_classes)
+
+
+def _pad(x: jax.Array, pad: int) -> jax.Array:
+    """Appends ``pad`` copies of the last entry along axis 0."""
+    return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0) if pad else x
+
+
+class MethodCaller:
+    """The run's method, compiled ahead of time once per input signature (one in practice: batches are padded
+    to the batch size), and timed on device."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.spec = METHODS[cfg.method]
+        self.jitted = jitted_method(cfg.method, cfg.mask_size, cfg.resolved_upsampling)
+        self.executables: dict[Any, Any] = {}
+
+    def __call__(self, feats: jax.Array, batch: Batch, state: RunState) -> tuple[np.ndarray, dict, float]:
+        """Labels [n, m, m], diagnostics {name: [n]} of the batch's n images, and the per-image seconds."""
+        pad = self.cfg.batch_size - feats.shape[0]
+        inputs = MethodInputs(
+            features=_pad(feats, pad),
+            images=_pad(batch.prepared, pad),
+            num_classes=_pad(jnp.asarray(batch.num_classes, jnp.int32), pad),
+            index=_pad(jnp.asarray(batch.indices, jnp.int32), pad),
+        )
+        inputs = jax.block_until_ready(inputs)
+        params = self.spec.params(self.cfg, tuple(feats.shape[1:3]))
+        signature = (tuple((a.shape, str(a.dtype)) for a in inputs), jax.tree_util.tree_structure(params))
+        if signature not in self.executables:
+            t = time.perf_counter()
+            self.executables[signature] = self.jitted.lower(inputs, params).compile()
+            # One untimed warm-up call: the first execution also pays one-off allocations.
+            jax.block_until_ready(self.executables[signature](inputs, params))
+            state.timing["compile"] += time.perf_counter() - t
+        # The clustering time: the jitted method alone, on device, waited for (no backbone, compilation, PAMR or
+        # scoring). Every slot of the padded batch is computed, so a slot's share is the per-image time.
+        t = time.perf_counter()
+        labels, diag = jax.block_until_ready(self.executables[signature](inputs, params))
+        seconds = time.perf_counter() - t
+        state.timing["method"] += seconds
+        n = len(batch.samples)
+        return np.asarray(labels)[:n], {k: np.asarray(v)[:n] for k, v in diag.items()}, seconds / self.cfg.batch_size
+
+
+def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: int, pending: list[int],
+                state: RunState, log, *, on_image: Callable[[str], None] | None, progress) -> None:
+    """Evaluates the ``pending`` images batch by batch, appending each finished image to ``state`` and to the
+    resume log ``log`` once its files are written."""
+    method = MethodCaller(cfg)
+    space = ds.label_space
+    for start in range(0, len(pending), cfg.batch_size):
+        t = time.perf_counter()
+        batch = load_batch(ds, pending[start : start + cfg.batch_size], cfg, resolution, state, len(pending))
+        if batch is None:
+            continue
+        state.timing["load"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        feats = batch_features(bb.backbone, bb.key, cfg.feature_cache, cfg.dataset, batch.samples, batch.prepared)
+        # One small reduction per batch (the method syncs on its outputs anyway).
+        nonfinite = np.asarray(jnp.sum(~jnp.all(jnp.isfinite(feats), axis=-1), axis=(1, 2)))
+        state.timing["backbone"] += time.perf_counter() - t
+        if nonfinite.any() and not cfg.allow_nonfinite_features:
+            found = [(s.image_id, int(n)) for s, n in zip(batch.samples, nonfinite) if n]
+            raise nonfinite_error(found, feats.shape[1] * feats.shape[2], bb.description)
+
+        labels, diag, per_image_seconds = method(feats, batch, state)
+        small = resize_image(batch.prepared, cfg.mask_size, cfg.mask_size)
+
+        for j, (i, s) in enumerate(zip(batch.indices, batch.samples)):
+            t = time.perf_counter()
+            refine = pamr_refiner(small[j], cfg.pamr_config) if cfg.pamr else None
+            final, score = score_image(state.evaluator, s.image_id, labels[j], batch.labels[j], refine)
+            rec: dict[str, Any] = {"id": s.image_id, "index": int(i), "clustering_seconds": per_image_seconds,
+                                   "num_classes_present": batch.num_classes[j],
+                                   "nonfinite_feature_tokens": int(nonfinite[j]), **score}
+            state.timing["score"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            write_image_outputs(cfg.output_dir, s.image_id, final, np.asarray(batch.prepared[j]), batch.labels[j],
+                                space.ignore_index, with_overlay=i < cfg.num_overlays or s.label is None)
+            rec["diagnostics"] = {k: v[j].item() for k, v in diag.items()}
+            rec["num_predicted_segments"] = int(final.max()) + 1
+            append_record(log, rec)
+            state.records.append(rec)
+            state.timing["write"] += time.perf_counter() - t
+            if on_image is not None:
+                on_image(s.image_id)
+        progress.update(len(batch.samples))
+        if len(state.evaluator):
+            progress.set_postfix_str(f"mIoU {100 * state.evaluator.result()['miou']:.1f}", refresh=False)
