@@ -21,6 +21,8 @@ Propagation = Literal["closed_form", "iterative"]
 Precision = Literal["highest", "high", "default"]
 MclNorm = Literal["inf", "max_abs"]
 SharpenMode = Literal["fixed", "entropy"]
+GlobalSource = Literal["features", "attention", "qk_cosine"]
+GLOBAL_SOURCES = ("features", "attention", "qk_cosine")
 
 _NUMERIC = (
     "beta",
@@ -45,6 +47,7 @@ _STATIC = (
     "max_clusters",
     "matmul_precision",
     "sharpen_mode",
+    "global_source",
 )
 
 
@@ -103,6 +106,16 @@ class SparkConfig:
         TPUs/GPUs, whose default precision is bfloat16-like and perturbs the MCL fixed point.
       sharpen_mode: 'fixed' (the default) raises A_global to the power `sharpen`; 'entropy'
         calibrates the power per image to `sharpen_target` (not in the paper).
+      global_source: what A_global (Eq. 1) is computed from (static). The paper's Eq. 1 is the
+        inner product of the diffusion features, while its Fig. 2 caption says "we extract
+        self-attention maps ... to form a global affinity"; three documented readings:
+        'features' (the default: Eq. 1 on the attn1 output, `global_mode` and `negatives` as
+        above); 'attention' (the self-attention probabilities of the same attn1, mean over
+        heads, [N, N]: already non-negative, so `global_mode`/`negatives` do not apply);
+        'qk_cosine' (the cosine of that attn1's queries and keys per head, cos(q_i^h, k_j^h),
+        averaged over heads — NERVE's affinity with uniform head weights — then `negatives`).
+        Sharpening (`sharpen`, `sharpen_mode`) applies to every source; the local graph
+        (Eq. 2-3) always uses the features. The runner requests the taps a source needs.
     """
 
     beta: float = 0.6
@@ -125,6 +138,7 @@ class SparkConfig:
     matmul_precision: Precision = "highest"
     sharpen_target: float = 0.05
     sharpen_mode: SharpenMode = "fixed"
+    global_source: GlobalSource = "features"
 
     def __post_init__(self):
         # Only static fields are validated here: numeric ones may be tracers inside jit/vmap, or
@@ -134,6 +148,12 @@ class SparkConfig:
             raise ValueError(f"global_mode must be 'cosine' or 'inner', got {self.global_mode!r}")
         if self.sharpen_mode not in ("fixed", "entropy"):
             raise ValueError(f"sharpen_mode must be 'fixed' or 'entropy', got {self.sharpen_mode!r}")
+        if self.global_source not in GLOBAL_SOURCES:
+            raise ValueError(
+                f"global_source must be one of {GLOBAL_SOURCES} (what A_global is computed from: the attn1 "
+                f"features, its attention probabilities, or the cosine of its queries and keys), got "
+                f"{self.global_source!r}"
+            )
         if self.negatives not in ("clip", "minmax"):
             raise ValueError(f"negatives must be 'clip' or 'minmax', got {self.negatives!r}")
         if not isinstance(self.use_local, bool):

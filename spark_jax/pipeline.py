@@ -25,7 +25,15 @@ from spark_jax.config import SparkConfig
 from spark_jax.masks.pamr import PamrConfig, label_capacity, refine_labels
 from spark_jax.data.preprocess import prepare_image
 from spark_jax.masks.resample import resize_bilinear
-from spark_jax.methods.spark import SegmentResult, check_token_features, num_label_columns, segment_tokens
+from spark_jax.graph.affinity import GlobalInputs
+from spark_jax.methods.spark import (
+    SegmentResult,
+    check_token_features,
+    global_inputs,
+    num_label_columns,
+    segment_tokens,
+    source_taps,
+)
 from spark_jax.masks.upsample import concept_assignment, upsample_labels
 
 Upsampling = Literal["soft_labels", "concept"]
@@ -143,10 +151,10 @@ def _num_segments(labels: jax.Array, num_labels: int) -> jax.Array:
     return jnp.sum(jnp.zeros((num_labels,), jnp.int32).at[labels.ravel()].set(1))
 
 
-def _coarse_one(features: jax.Array, cfg: PipelineConfig) -> tuple[jax.Array, SegmentResult]:
+def _coarse_one(features: jax.Array, cfg: PipelineConfig, extra: GlobalInputs) -> tuple[jax.Array, SegmentResult]:
     h, w, _ = features.shape
     num_labels = num_label_columns(h * w, cfg.spark)
-    tokens = segment_tokens(features, cfg.spark)
+    tokens = segment_tokens(features, cfg.spark, **extra._asdict())
     if cfg.upsampling == "soft_labels":
         coarse = upsample_labels(tokens.soft_labels, cfg.mask_size)
     else:
@@ -161,8 +169,8 @@ def _refine_one(image: jax.Array, coarse: jax.Array, num_labels: int, capacity: 
     return refined, _num_segments(coarse, num_labels) > capacity
 
 
-def _one_image(features: jax.Array, image: jax.Array, cfg: PipelineConfig):
-    coarse, tokens = _coarse_one(features, cfg)
+def _one_image(features: jax.Array, image: jax.Array, cfg: PipelineConfig, extra: GlobalInputs):
+    coarse, tokens = _coarse_one(features, cfg, extra)
     if cfg.pamr is None:
         return coarse, coarse, tokens, jnp.bool_(False)
     h, w, _ = features.shape
@@ -188,29 +196,37 @@ def _check_pipeline_inputs(features, images, cfg, fn: str) -> None:
     cfg.spark.check_values()
 
 
-def segment_features(features: jax.Array, images: jax.Array, cfg: PipelineConfig) -> Segmentation:
+def segment_features(features: jax.Array, images: jax.Array, cfg: PipelineConfig, *,
+                     attention: jax.Array | None = None, queries: jax.Array | None = None,
+                     keys: jax.Array | None = None) -> Segmentation:
     """Token features [B, h, w, C] and prepared images [B, S, S, 3] in [0, 1] -> Segmentation.
 
     One jitted, vmapped program. With `cfg.pamr_max_labels=None` PAMR gets one slot per label
     column (exact, and its cost follows M); `segment` sizes it from the data instead.
+    `attention` [B, N, N] or `queries`/`keys` [B, heads, N, d]: what `cfg.spark.global_source`
+    needs besides the features (`spark.segment_tokens`).
 
     Raises:
       ValueError/TypeError: bad shapes, dtypes or (concrete) values, named; see `check_images` and
         `SparkConfig.check_values`.
     """
     _check_pipeline_inputs(features, images, cfg, "segment_features")
-    return _segment_features_jit(features, images, cfg)
+    extra = global_inputs(cfg.spark, np.shape(features), "segment_features", attention=attention, queries=queries,
+                          keys=keys)
+    return _segment_features_jit(features, images, cfg, extra)
 
 
 @jax.jit
-def _segment_features_jit(features: jax.Array, images: jax.Array, cfg: PipelineConfig) -> Segmentation:
-    labels, coarse, tokens, overflow = jax.vmap(_one_image, in_axes=(0, 0, None))(features, images, cfg)
+def _segment_features_jit(features: jax.Array, images: jax.Array, cfg: PipelineConfig,
+                          extra: GlobalInputs = GlobalInputs()) -> Segmentation:
+    labels, coarse, tokens, overflow = jax.vmap(_one_image, in_axes=(0, 0, None, 0))(features, images, cfg, extra)
     return Segmentation(labels=labels, coarse_labels=coarse, tokens=tokens, pamr_overflow=overflow)
 
 
 @jax.jit
-def _coarse_batch(features: jax.Array, cfg: PipelineConfig) -> tuple[jax.Array, SegmentResult, jax.Array]:
-    coarse, tokens = jax.vmap(_coarse_one, in_axes=(0, None))(features, cfg)
+def _coarse_batch(features: jax.Array, cfg: PipelineConfig,
+                  extra: GlobalInputs) -> tuple[jax.Array, SegmentResult, jax.Array]:
+    coarse, tokens = jax.vmap(_coarse_one, in_axes=(0, None, 0))(features, cfg, extra)
     h, w = features.shape[1:3]
     num_labels = num_label_columns(h * w, cfg.spark)
     return coarse, tokens, jax.vmap(_num_segments, in_axes=(0, None))(coarse, num_labels)
@@ -243,11 +259,21 @@ def segment(images: jax.Array, backbone: FeatureBackbone, cfg: PipelineConfig = 
     cfg.spark.check_values()
     # Prepared once, for the backbone and for PAMR's image alike.
     prepared = prepare_image(jnp.asarray(images), backbone.resolution)
-    features = backbone.extract_features_prepared(prepared)
+    if cfg.spark.global_source == "features":
+        features = backbone.extract_features_prepared(prepared)
+        extra = GlobalInputs()
+    else:
+        # The feature tap and, from the same attention, what the global source reads (one forward).
+        wanted = source_taps(cfg.spark, backbone.feature_tap)
+        taps = backbone.extract_prepared(prepared, (backbone.feature_tap, *wanted.values()))
+        features = taps[backbone.feature_tap].reshape(
+            taps[backbone.feature_tap].shape[0], *backbone.tap_grid(backbone.feature_tap), -1)
+        extra = GlobalInputs(**{name: taps[tap] for name, tap in wanted.items()})
     check_token_features(features, rank=4, fn="segment (the backbone's features)")
+    extra = global_inputs(cfg.spark, np.shape(features), "segment (the backbone's taps)", **extra._asdict())
     if cfg.pamr is None or cfg.pamr_max_labels is not None:
-        return _segment_features_jit(features, prepared, cfg)  # inputs checked above
-    coarse, tokens, num_segments = _coarse_batch(features, cfg)
+        return _segment_features_jit(features, prepared, cfg, extra)  # inputs checked above
+    coarse, tokens, num_segments = _coarse_batch(features, cfg, extra)
     num_labels = num_label_columns(features.shape[1] * features.shape[2], cfg.spark)
     capacity = min(num_labels, label_capacity(int(jnp.max(num_segments))))
     labels = _refine_batch(prepared, coarse, cfg, num_labels=num_labels, capacity=capacity)

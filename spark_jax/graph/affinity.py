@@ -6,6 +6,8 @@ matching the flattening of the diffusion feature map.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -76,14 +78,55 @@ def global_affinity(
     x = x.astype(jnp.float32)
     if mode == "cosine":
         x = l2_normalize(x)
-    a = jnp.matmul(x, x.T, precision=precision)
-    if negatives == "clip":
-        a = jnp.maximum(a, 0.0)
-    else:
-        lo, hi = jnp.min(a), jnp.max(a)
-        span = hi - lo
-        a = jnp.where(span > 0, (a - lo) / jnp.where(span > 0, span, 1.0), 1.0)
+    a = _handle_negatives(jnp.matmul(x, x.T, precision=precision), negatives)
     return a**sharpen
+
+
+def _handle_negatives(a: jax.Array, negatives: Negatives) -> jax.Array:
+    if negatives == "clip":
+        return jnp.maximum(a, 0.0)
+    lo, hi = jnp.min(a), jnp.max(a)
+    span = hi - lo
+    return jnp.where(span > 0, (a - lo) / jnp.where(span > 0, span, 1.0), 1.0)
+
+
+class GlobalInputs(NamedTuple):
+    """What A_global is computed from besides the features, for `SparkConfig.global_source`.
+
+    Attributes:
+      attention: float [N, N], self-attention probabilities (rows sum to 1), mean over heads
+        ('attention'); the backbone's ``...attn1:probs_mean`` tap.
+      queries, keys: float [heads, N, d], the same attention's queries and keys ('qk_cosine');
+        the ``...attn1:q`` and ``...attn1:k`` taps.
+    Fields a source does not use are None (an empty pytree: vmapping over the batch works).
+    """
+
+    attention: jax.Array | None = None
+    queries: jax.Array | None = None
+    keys: jax.Array | None = None
+
+
+def attention_affinity(attention: jax.Array) -> jax.Array:
+    """A_global from self-attention probabilities [N, N] (Fig. 2's reading of Eq. 1): the
+    probabilities themselves as float32, non-finite entries set to 0 (a row left without mass
+    becomes a self-loop in RowNorm)."""
+    a = attention.astype(jnp.float32)
+    return jnp.where(jnp.isfinite(a), jnp.maximum(a, 0.0), 0.0)
+
+
+def qk_cosine_affinity(
+    queries: jax.Array,
+    keys: jax.Array,
+    *,
+    negatives: Negatives = "clip",
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+) -> jax.Array:
+    """A_global from queries and keys [heads, N, d]: mean over heads of cos(q_i^h, k_j^h) -> [N, N],
+    then `negatives` as in `global_affinity`. Non-finite query/key vectors count as zero vectors."""
+    q = l2_normalize(finite_tokens(queries)[0])
+    k = l2_normalize(finite_tokens(keys)[0])
+    a = jnp.mean(jnp.einsum("hid,hjd->hij", q, k, precision=precision), axis=0)
+    return _handle_negatives(a, negatives)
 
 
 def _log_affinity(a: jax.Array) -> jax.Array:
@@ -155,28 +198,48 @@ def entropy_sharpness(
     return jnp.exp2(0.5 * (lo + hi))
 
 
+def _unsharpened_global_affinity(x: jax.Array, cfg: SparkConfig, extra: GlobalInputs) -> jax.Array:
+    """A_global before sharpening, from the source `cfg.global_source` names."""
+    n = x.shape[0]
+    if cfg.global_source == "features":
+        return global_affinity(x, mode=cfg.global_mode, negatives=cfg.negatives, sharpen=1.0,
+                               precision=cfg.precision())
+    if cfg.global_source == "attention":
+        if extra.attention is None or extra.attention.shape != (n, n):
+            raise ValueError(f"global_source='attention' needs the attention probabilities [{n}, {n}] of the "
+                             f"{n} tokens, got {None if extra.attention is None else extra.attention.shape}")
+        return attention_affinity(extra.attention)
+    shapes = [None if t is None else t.shape for t in (extra.queries, extra.keys)]
+    if any(s is None or len(s) != 3 or s[1] != n for s in shapes) or shapes[0] != shapes[1]:
+        raise ValueError(f"global_source='qk_cosine' needs queries and keys [heads, {n}, d] of the {n} tokens, "
+                         f"got {shapes[0]} and {shapes[1]}")
+    return qk_cosine_affinity(extra.queries, extra.keys, negatives=cfg.negatives, precision=cfg.precision())
+
+
 def sharpened_global_affinity(
-    x: jax.Array, cfg: SparkConfig
+    x: jax.Array, cfg: SparkConfig, extra: GlobalInputs = GlobalInputs()
 ) -> tuple[jax.Array, jax.Array]:
     """A_global (Eq. 1) of tokens x [N, C] sharpened as `cfg` says, and the exponent used.
 
-    `cfg.sharpen_mode='fixed'` applies `cfg.sharpen`; `'entropy'` calibrates the exponent per
-    input with `entropy_sharpness(target_fraction=cfg.sharpen_target)` and applies it to each
-    row divided by its maximum: the same matrix after RowNorm, without float32 underflow of
-    large powers.
+    A_global comes from `cfg.global_source`: the features x, or `extra`'s attention
+    probabilities or queries and keys. `cfg.sharpen_mode='fixed'` applies `cfg.sharpen`;
+    `'entropy'` calibrates the exponent per input with
+    `entropy_sharpness(target_fraction=cfg.sharpen_target)` and applies it to each row divided
+    by its maximum: the same matrix after RowNorm, without float32 underflow of large powers.
 
     Returns:
       (affinity [N, N], exponent float32 []).
     """
     if cfg.sharpen_mode == "fixed":
-        a = global_affinity(
-            x, mode=cfg.global_mode, negatives=cfg.negatives, sharpen=cfg.sharpen,
-            precision=cfg.precision(),
-        )
+        if cfg.global_source == "features":
+            a = global_affinity(
+                x, mode=cfg.global_mode, negatives=cfg.negatives, sharpen=cfg.sharpen,
+                precision=cfg.precision(),
+            )
+        else:
+            a = _unsharpened_global_affinity(x, cfg, extra) ** cfg.sharpen
         return a, jnp.asarray(cfg.sharpen, jnp.float32)
-    a = global_affinity(
-        x, mode=cfg.global_mode, negatives=cfg.negatives, sharpen=1.0, precision=cfg.precision()
-    )
+    a = _unsharpened_global_affinity(x, cfg, extra)
     p = entropy_sharpness(a, cfg.sharpen_target)
     row_max = jnp.max(a, axis=-1, keepdims=True)
     return (a / jnp.where(row_max > 0, row_max, 1.0)) ** p, p
@@ -208,16 +271,17 @@ def local_affinity(x: jax.Array, *, eps: float | jax.Array) -> jax.Array:
     return a
 
 
-def transition_matrix(features: jax.Array, cfg: SparkConfig) -> jax.Array:
+def transition_matrix(features: jax.Array, cfg: SparkConfig, extra: GlobalInputs = GlobalInputs()) -> jax.Array:
     """The fused row-stochastic transition matrix S (Eq. 4) of features [h, w, C] -> [N, N].
 
     S = beta RowNorm(A_global) + (1 - beta) RowNorm(A_local); with `cfg.use_local=False` it is
     RowNorm(A_global) alone (the paper's "global affinity only" ablation). A_global is sharpened
     by `cfg.sharpen` or, with `cfg.sharpen_mode='entropy'`, by a per-image calibrated exponent
-    (`sharpened_global_affinity`).
+    (`sharpened_global_affinity`); it is computed from `cfg.global_source` (features, or
+    `extra`'s attention probabilities or queries and keys).
     """
     h, w, c = features.shape
-    s_global = row_normalize(sharpened_global_affinity(features.reshape(h * w, c), cfg)[0])
+    s_global = row_normalize(sharpened_global_affinity(features.reshape(h * w, c), cfg, extra)[0])
     if not cfg.use_local:
         return s_global
     s_local = row_normalize(local_affinity(features, eps=cfg.local_eps))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spark_jax.graph.affinity import finite_tokens, transition_matrix
+from spark_jax.graph.affinity import GlobalInputs, finite_tokens, transition_matrix
 from spark_jax.config import SparkConfig
 from spark_jax.graph.markov_flow import extract_clusters, markov_flow
 from spark_jax.graph.propagation import propagate_labels, seed_matrix
@@ -115,22 +115,77 @@ def check_features(features: np.ndarray | jax.Array) -> None:
         )
 
 
-def segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
+# What each global source needs besides the features (SparkConfig.global_source), and the taps holding it.
+SOURCE_INPUTS = {"features": (), "attention": ("attention",), "qk_cosine": ("queries", "keys")}
+SOURCE_TAPS = {"attention": ("probs_mean",), "queries": ("q",), "keys": ("k",)}
+
+
+def source_taps(cfg: SparkConfig, feature_tap: str) -> dict[str, str]:
+    """{input name: tap name} that `cfg.global_source` reads from a backbone whose feature point is `feature_tap`
+    (``<attn1 module>:output``): the same attention module's ``probs_mean`` or ``q`` and ``k``."""
+    module = feature_tap.rsplit(":", 1)[0]
+    return {name: f"{module}:{SOURCE_TAPS[name][0]}" for name in SOURCE_INPUTS[cfg.global_source]}
+
+
+def global_inputs(cfg: SparkConfig, features_shape: tuple[int, ...], fn: str, *, attention=None, queries=None,
+                  keys=None) -> GlobalInputs:
+    """The inputs `cfg.global_source` needs, checked against the features' shape ([..., h, w, C]): exactly the
+    needed ones given, attention [..., N, N], queries/keys [..., heads, N, d], the same leading axes."""
+    given = {"attention": attention, "queries": queries, "keys": keys}
+    need = SOURCE_INPUTS[cfg.global_source]
+    lead, n = tuple(features_shape[:-3]), int(np.prod(features_shape[-3:-1]))
+    for name, value in given.items():
+        if name in need and value is None:
+            taps = ", ".join(f"'...attn1:{t}'" for t in SOURCE_TAPS[name])
+            raise ValueError(f"{fn}: global_source={cfg.global_source!r} needs `{name}` (the backbone's {taps} tap "
+                             "of the feature point's attention)")
+        if name not in need and value is not None:
+            raise ValueError(f"{fn}: `{name}` was given but global_source={cfg.global_source!r} does not use it; "
+                             f"pass SparkConfig(global_source=...) to use it, or drop it")
+        if value is None:
+            continue
+        shape = tuple(np.shape(value))
+        ok = (shape == lead + (n, n)) if name == "attention" else (len(shape) == len(lead) + 3
+                                                                   and shape[:len(lead)] == lead and shape[-2] == n)
+        if not ok:
+            want = "[" + ", ".join([*map(str, lead), str(n), str(n)] if name == "attention"
+                                   else [*map(str, lead), "heads", str(n), "d"]) + "]"
+            raise ValueError(f"{fn}: `{name}` must be {want} for features of shape {tuple(features_shape)} "
+                             f"({n} tokens), got {shape}")
+        dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{fn}: `{name}` must be floating, got dtype {dtype}")
+    if queries is not None and keys is not None and np.shape(queries) != np.shape(keys):
+        raise ValueError(f"{fn}: queries {tuple(np.shape(queries))} and keys {tuple(np.shape(keys))} differ in shape")
+    return GlobalInputs(attention=attention, queries=queries, keys=keys)
+
+
+def segment_tokens(features: jax.Array, cfg: SparkConfig, *, attention: jax.Array | None = None,
+                   queries: jax.Array | None = None, keys: jax.Array | None = None) -> SegmentResult:
     """SPARK at token resolution: features [h, w, C] -> SegmentResult.
 
     Builds S (Eq. 1-4), runs Markov-flow clustering to P* (Eq. 5-8), reads clusters off P*
     (Eq. 9), and propagates them over S (Eq. 10-12).
 
+    Args:
+      features: [h, w, C] token features (the attn1 output; the local graph always uses them).
+      cfg: the hyperparameters.
+      attention: [N, N] self-attention probabilities (mean over heads), for
+        `cfg.global_source='attention'`; N = h * w.
+      queries, keys: [heads, N, d], for `cfg.global_source='qk_cosine'`.
+
     Raises:
-      ValueError: features not [h, w, C] with every axis >= 1 and a floating dtype, or a
-        concrete numeric field of `cfg` outside its range (`SparkConfig.check_values`).
+      ValueError: features not [h, w, C] with every axis >= 1 and a floating dtype, a
+        concrete numeric field of `cfg` outside its range (`SparkConfig.check_values`), or the
+        inputs of `cfg.global_source` missing, misshapen or given when unused.
     """
     check_token_features(features, rank=3, fn="segment_tokens")
     _check_config(cfg, "segment_tokens")
-    return _segment_tokens_jit(features, cfg)
+    extra = global_inputs(cfg, np.shape(features), "segment_tokens", attention=attention, queries=queries, keys=keys)
+    return _segment_tokens_jit(features, cfg, extra)
 
 
-def _segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
+def _segment_tokens(features: jax.Array, cfg: SparkConfig, extra: GlobalInputs = GlobalInputs()) -> SegmentResult:
     h, w, _ = features.shape
     n = h * w
     features, num_nonfinite = finite_tokens(features)
@@ -140,7 +195,7 @@ def _segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
         scale = jnp.max(jnp.linalg.norm(features, axis=-1))
         features = features / jnp.where(scale > 0, scale, 1.0)
 
-    s = transition_matrix(features, cfg)
+    s = transition_matrix(features, cfg, extra)
     flow = markov_flow(
         s,
         expansion=cfg.expansion,
@@ -180,12 +235,15 @@ def _segment_tokens(features: jax.Array, cfg: SparkConfig) -> SegmentResult:
 _segment_tokens_jit = jax.jit(_segment_tokens)
 
 
-def segment_tokens_batch(features: jax.Array, cfg: SparkConfig, chunk_size: int | None = None) -> SegmentResult:
+def segment_tokens_batch(features: jax.Array, cfg: SparkConfig, chunk_size: int | None = None, *,
+                         attention: jax.Array | None = None, queries: jax.Array | None = None,
+                         keys: jax.Array | None = None) -> SegmentResult:
     """`segment_tokens` over a batch: features [B, h, w, C] -> SegmentResult with a leading B.
 
     Args:
       features: [B, h, w, C].
       cfg: SPARK hyperparameters, shared by the batch.
+      attention, queries, keys: as in `segment_tokens`, with a leading B.
       chunk_size: images processed together (static). None vmaps the whole batch: the right
         choice on accelerators. A vmapped `while_loop` runs until its slowest member converges,
         so on a CPU, where batching buys no parallelism, `chunk_size=1` (one image at a time,
@@ -198,11 +256,14 @@ def segment_tokens_batch(features: jax.Array, cfg: SparkConfig, chunk_size: int 
     _check_config(cfg, "segment_tokens_batch")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"segment_tokens_batch: chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    return _segment_tokens_batch_jit(features, cfg, chunk_size=chunk_size)
+    extra = global_inputs(cfg, np.shape(features), "segment_tokens_batch", attention=attention, queries=queries,
+                          keys=keys)
+    return _segment_tokens_batch_jit(features, cfg, extra, chunk_size=chunk_size)
 
 
 @functools.partial(jax.jit, static_argnames="chunk_size")
-def _segment_tokens_batch_jit(features: jax.Array, cfg: SparkConfig, chunk_size: int | None) -> SegmentResult:
+def _segment_tokens_batch_jit(features: jax.Array, cfg: SparkConfig, extra: GlobalInputs,
+                              chunk_size: int | None) -> SegmentResult:
     if chunk_size is None or chunk_size >= features.shape[0]:
-        return jax.vmap(_segment_tokens, in_axes=(0, None))(features, cfg)
-    return jax.lax.map(lambda x: _segment_tokens(x, cfg), features, batch_size=chunk_size)
+        return jax.vmap(_segment_tokens, in_axes=(0, None, 0))(features, cfg, extra)
+    return jax.lax.map(lambda xe: _segment_tokens(xe[0], cfg, xe[1]), (features, extra), batch_size=chunk_size)

@@ -58,10 +58,40 @@ def local_affinity(x, eps):
     return a
 
 
-def transition_matrix(x, beta=0.6, eps=1e-3, mode="cosine", negatives="clip", sharpen=1.0, use_local=True):
-    """Eq. 4; x [h, w, C]."""
+def attention_affinity(probs, sharpen=1.0):
+    """A_global read off self-attention probabilities [N, N] (SPARK Fig. 2's caption), sharpened."""
+    return np.asarray(probs, np.float64) ** sharpen
+
+
+def qk_cosine_affinity(q, k, negatives="clip", sharpen=1.0):
+    """A_global as the head-mean of cos(q_i^h, k_j^h); q, k [heads, N, d]. One head at a time, one pair at a time."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    heads, n, _ = q.shape
+    a = np.zeros((n, n))
+    for h in range(heads):
+        for i in range(n):
+            for j in range(n):
+                nq, nk = np.linalg.norm(q[h, i]), np.linalg.norm(k[h, j])
+                a[i, j] += (q[h, i] @ k[h, j] / (nq * nk) if nq > 1e-12 and nk > 1e-12 else 0.0) / heads
+    if negatives == "clip":
+        a = np.maximum(a, 0.0)
+    else:
+        span = a.max() - a.min()
+        a = (a - a.min()) / span if span > 0 else np.ones_like(a)
+    return a**sharpen
+
+
+def transition_matrix(x, beta=0.6, eps=1e-3, mode="cosine", negatives="clip", sharpen=1.0, use_local=True,
+                      source="features", attention=None, queries=None, keys=None):
+    """Eq. 4; x [h, w, C]. `source` names what A_global comes from (SparkConfig.global_source)."""
     h, w, c = x.shape
-    s_global = row_norm(global_affinity(x.reshape(h * w, c), mode, negatives, sharpen))
+    if source == "features":
+        a_global = global_affinity(x.reshape(h * w, c), mode, negatives, sharpen)
+    elif source == "attention":
+        a_global = attention_affinity(attention, sharpen)
+    else:
+        a_global = qk_cosine_affinity(queries, keys, negatives, sharpen)
+    s_global = row_norm(a_global)
     if not use_local:
         return s_global
     return beta * s_global + (1 - beta) * row_norm(local_affinity(x, eps))
@@ -124,10 +154,11 @@ def propagate(s, labels, k, gamma=0.9, method="iterative", tol=1e-6, max_iter=10
 
 def segment_tokens(x, beta=0.6, expansion=2, inflation=2.6, tau=1e-7, eps=1e-3, gamma=0.9,
                    sharpen=1.0, mode="cosine", negatives="clip", use_local=True,
-                   mcl_tol=1e-6, mcl_max_iter=100, mcl_norm="inf", method="iterative"):
+                   mcl_tol=1e-6, mcl_max_iter=100, mcl_norm="inf", method="iterative",
+                   source="features", attention=None, queries=None, keys=None):
     """The whole of SPARK at token resolution; x [h, w, C] -> (labels [h, w], info dict)."""
     h, w, _ = x.shape
-    s = transition_matrix(x, beta, eps, mode, negatives, sharpen, use_local)
+    s = transition_matrix(x, beta, eps, mode, negatives, sharpen, use_local, source, attention, queries, keys)
     p, iters, converged = mcl(s, expansion, inflation, tau, mcl_tol, mcl_max_iter, mcl_norm)
     coarse, k = clusters(p)
     q, labels, prop_iters = propagate(s, coarse, k, gamma, method)
