@@ -2,18 +2,22 @@
 
     python -m experiments.bench_ncut                                   # 32x32 and 64x64
     python -m experiments.bench_ncut --grids=32 --repeats=3
-    python -m experiments.bench_ncut --grids=64 --methods=spark,ncut,ncut_lobpcg
+    python -m experiments.bench_ncut --grids=64 --methods=spark,diffcut,diffcut_lobpcg
 
 For each token grid it builds one image of planted token features
 (`spark_jax.testing.synthetic.planted_token_features`), compiles every method ahead of time (compile
 time is printed separately), then times `--repeats` calls (`--repeats_large` at grids >= 64)
-and reports the best wall time and its ratio to SPARK's, measured in the same run:
+and reports the best wall time and its ratio to SPARK's, measured in the same run. The methods are
+those of the registry (`spark_jax.methods.REGISTRY`), each called as the runner calls it (its spec's
+jitted function on `MethodInputs`, labels at a mask size equal to the grid), with planted-data settings
+where the defaults do not fit, plus one variant:
 
-  spark        `spark.segment_tokens` (affinity, Markov flow, closed-form propagation)
-  ncut         `ncut.recursive_ncut`, dense eigh per segment (DiffCut's solver; exact)
-  ncut_lobpcg  the same with the LOBPCG eigensolver (matrix-vector products only)
-  autosc       `autosc.autosc` (4 dense eigendecompositions + QR-pivot discretisation)
-  kmeans       `kmeans.kmeans_tokens` with K = the planted region count
+  spark           SPARK (affinity, Markov flow, closed-form propagation, soft-label upsampling)
+  diffcut         recursive NCut, dense eigh per segment (DiffCut's solver; exact), concept assignment
+  diffcut_lobpcg  the same with the LOBPCG eigensolver (matrix-vector products only)
+  autosc          AutoSC (4 dense eigendecompositions + QR-pivot discretisation)
+  kmeans          K-means with K = the planted region count
+  (any method registered later and reading only the features, with its default config)
 
 It also prints each method's segment count and its mIoU against the planted regions (one-to-one
 Hungarian matching), so the timed runs are seen to do the work they should.
@@ -23,8 +27,10 @@ recursive NCut runs 2L - 1 of them for L segments, so 64x64 with 'ncut' takes ma
 SPARK runs with the planted-data settings of the SPARK tests (sharpen 8, beta 0.8, r 1.8;
 `--paper_spark_config` for the paper's defaults).
 
-Measured here (2-core CPU shared with other jobs, load average ~7, so single timings vary by
-2-3x between runs; all methods found the 5 planted regions, mIoU 1.0, except K-means, 0.44):
+Measured here with the previous revision, which called the algorithms directly (token labels, no
+mask-size step; ncut = diffcut): 2-core CPU shared with other jobs, load average ~7, so single
+timings vary by 2-3x between runs; all methods found the 5 planted regions, mIoU 1.0, except
+K-means, 0.44:
 
   grid   method        best time    x SPARK (same run)
   32^2   spark         1.4-1.7 s    1
@@ -46,23 +52,32 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from spark_jax.methods.autosc import AutoSCConfig, autosc
 from spark_jax.config import SparkConfig
 from spark_jax.evaluation import confusion, iou_from_counts, match_counts
-from spark_jax.methods.kmeans import KMeansConfig, kmeans_tokens
-from spark_jax.graph.ncut import NCutConfig, recursive_ncut
-from spark_jax.methods.spark import segment_tokens
+from spark_jax.graph.ncut import NCutConfig
+from spark_jax.methods import REGISTRY, MethodContext, MethodInputs, method_spec
+from spark_jax.methods.kmeans import KMeansConfig, KMeansMethodConfig
+from spark_jax.methods.spark import SparkMethodConfig
 from spark_jax.testing.synthetic import planted_token_features
 
-_METHODS = ("spark", "ncut", "ncut_lobpcg", "autosc", "kmeans")
+FEATURE_TAP = "features"  # the planted features stand for the backbone's feature tap
+PLANTED_SPARK = SparkConfig(beta=0.8, sharpen=8.0, inflation=1.8)
+# Bench variants: name -> (registered method, config).
+VARIANTS = {"diffcut_lobpcg": ("diffcut", NCutConfig(eigensolver="lobpcg"))}
+
+
+def entries() -> list[str]:
+    """The timed entries: every registered method, then the variants."""
+    return [*REGISTRY, *VARIANTS]
+
 
 _GRIDS = flags.DEFINE_list("grids", ["32", "64"], "Token grid sides.")
 _METHODS_FLAG = flags.DEFINE_list(
-    "methods", list(_METHODS), f"Methods to time, among {', '.join(_METHODS)}."
+    "methods", entries(), f"Methods to time, among {', '.join(entries())}."
 )
 _METHODS_LARGE = flags.DEFINE_list(
     "methods_large",
-    ["spark", "ncut", "ncut_lobpcg"],
+    ["spark", "diffcut", "diffcut_lobpcg"],
     "Methods at grids >= 64 (AutoSC's four 4096 x 4096 eigendecompositions take minutes).",
 )
 _CHANNELS = flags.DEFINE_integer("channels", 64, "Feature channels.")
@@ -76,8 +91,6 @@ _PAPER_SPARK = flags.DEFINE_bool(
     "paper_spark_config", False, "Run SPARK with the paper's defaults instead of planted settings."
 )
 
-PLANTED_SPARK = SparkConfig(beta=0.8, sharpen=8.0, inflation=1.8)
-
 
 def _miou(pred: np.ndarray, layout: np.ndarray) -> float:
     _, pred = np.unique(pred, return_inverse=True)
@@ -86,51 +99,55 @@ def _miou(pred: np.ndarray, layout: np.ndarray) -> float:
     return float(np.nanmean(iou_from_counts(tp, fp, fn)))
 
 
-def _make_call(method: str, features: jax.Array, num_regions: int):
-    """(compiled call without arguments, reader of (labels, diagnostics) off its output)."""
-    if method == "spark":
-        cfg = SparkConfig() if _PAPER_SPARK.value else PLANTED_SPARK
-        compiled = jax.jit(segment_tokens).lower(features, cfg).compile()  # validates, then lowers
-        return (lambda: compiled(features, cfg)), (
-            lambda r: (r.labels, f"K={int(r.num_clusters)} mcl_iters={int(r.mcl_iterations)}")
-        )
-    if method in ("ncut", "ncut_lobpcg"):
-        cfg = NCutConfig(eigensolver="eigh" if method == "ncut" else "lobpcg")
-        compiled = recursive_ncut.lower(features, cfg).compile()
-        return (lambda: compiled(features, cfg)), (
-            lambda r: (
-                r.labels, f"eigensolves={int(r.num_eigensolves)} truncated={bool(r.truncated)}"
-            )
-        )
-    if method == "autosc":
-        cfg = AutoSCConfig()
-        compiled = autosc.lower(features, cfg).compile()
-        return (lambda: compiled(features, cfg)), (
-            lambda r: (r.labels, f"k={int(r.num_clusters)} alpha={float(r.alpha):g}")
-        )
-    if method == "kmeans":
-        cfg = KMeansConfig(max_clusters=8)
-        key = jax.random.key(0)
-        k = jnp.int32(num_regions)
-        compiled = kmeans_tokens.lower(features, k, key, cfg).compile()
-        return (lambda: compiled(features, k, key, cfg)), (
-            lambda r: (r.labels, f"K={num_regions} iters={int(r.num_iters)}")
-        )
-    raise ValueError(f"unknown method {method!r}; choose among {', '.join(_METHODS)}")
+class _PlantedBackbone:
+    feature_tap = FEATURE_TAP
+
+
+def bench_config(entry: str, num_regions: int):
+    """(registered method, config) of a timed entry: planted-data settings for SPARK and K-means (K = the planted
+    region count), the variants' own, the default for every other method."""
+    if entry in VARIANTS:
+        return VARIANTS[entry]
+    if entry == "spark":
+        return "spark", SparkMethodConfig(spark=SparkConfig() if _PAPER_SPARK.value else PLANTED_SPARK)
+    if entry == "kmeans":
+        return "kmeans", KMeansMethodConfig(k=num_regions, kmeans=KMeansConfig(max_clusters=8))
+    return entry, method_spec(entry).default()
+
+
+def _make_call(entry: str, features: jax.Array, num_regions: int):
+    """The compiled call of an entry without arguments (as the runner calls it), or None if it reads taps the
+    planted features cannot provide."""
+    name, config = bench_config(entry, num_regions)
+    spec = method_spec(name)
+    config = spec.resolve_config(config, "user")
+    if set(spec.taps(config, _PlantedBackbone())) != {FEATURE_TAP}:
+        return None
+    _, h, w, c = features.shape
+    ctx = MethodContext(mask_size=h, upsampling=spec.upsampling, feature_tap=FEATURE_TAP)
+    inputs = MethodInputs(features=features, taps={FEATURE_TAP: features.reshape(1, h * w, c)},
+                          images=jnp.zeros((1, h, w, 3), jnp.float32),
+                          num_classes=jnp.asarray([num_regions], jnp.int32), index=jnp.zeros((1,), jnp.int32))
+    params = spec.params(config, ctx, (h, w))
+    compiled = jax.jit(spec.build(ctx)).lower(inputs, params).compile()
+    return lambda: compiled(inputs, params)
 
 
 def run_grid(side: int, methods: list[str], repeats: int) -> dict[str, float]:
     features_np, layout = planted_token_features(
         _SEED.value, side, side, _CHANNELS.value, _NOISE.value
     )
-    features = jnp.asarray(features_np)
+    features = jnp.asarray(features_np)[None]  # one image: [1, h, w, C]
     num_regions = len(np.unique(layout))
     print(f"\n== {side}x{side} tokens (N = {side * side}), {_CHANNELS.value} channels, "
           f"noise {_NOISE.value}, {repeats} timed call(s) per method", flush=True)
     times = {}
     for method in methods:
         start = time.perf_counter()
-        call, read = _make_call(method, features, num_regions)
+        call = _make_call(method, features, num_regions)
+        if call is None:
+            print(f"  {method:<14} skipped: it reads taps other than the features", flush=True)
+            continue
         compile_s = time.perf_counter() - start
         print(f"  {method:<12} compiled in {compile_s:.1f} s; timing ...", flush=True)
         best, result = float("inf"), None
@@ -140,8 +157,9 @@ def run_grid(side: int, methods: list[str], repeats: int) -> dict[str, float]:
             elapsed = time.perf_counter() - start
             best = min(best, elapsed)
             print(f"    call {i + 1}/{repeats}: {elapsed:.2f} s", flush=True)
-        labels, diagnostics = read(result)
-        labels = np.asarray(labels)
+        labels, diag = result
+        labels = np.asarray(labels)[0]
+        diagnostics = " ".join(f"{k}={np.asarray(v)[0].item():g}" for k, v in diag.items())
         times[method] = best
         print(f"  {method:<12} best {best:8.3f} s  segments={len(np.unique(labels)):<3d} "
               f"mIoU={_miou(labels, layout):.3f}  {diagnostics}", flush=True)
@@ -150,9 +168,9 @@ def run_grid(side: int, methods: list[str], repeats: int) -> dict[str, float]:
 
 def main(argv):
     del argv
-    unknown = sorted(set(_METHODS_FLAG.value + _METHODS_LARGE.value) - set(_METHODS))
+    unknown = sorted(set(_METHODS_FLAG.value + _METHODS_LARGE.value) - set(entries()))
     if unknown:
-        raise app.UsageError(f"unknown methods {unknown}; choose among {', '.join(_METHODS)}")
+        raise app.UsageError(f"unknown methods {unknown}; choose among {', '.join(entries())}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}", flush=True)
     summary = []
     for side in (int(g) for g in _GRIDS.value):

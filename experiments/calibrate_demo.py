@@ -52,6 +52,7 @@ from spark_jax.config import SparkConfig
 from spark_jax.data.base import Dataset, Sample
 from spark_jax.data.demo import DEMO_LABEL_SPACE, demo_image
 from spark_jax.data.preprocess import prepare_image
+from spark_jax.methods.spark import SparkMethodConfig
 from spark_jax.runner import ResolvedBackbone, RunConfig, resolve_backbone, run
 
 # Far above any demo benchmark size (--demo_images defaults to 8): the calibration set never overlaps it.
@@ -144,7 +145,8 @@ def evaluate(settings: Sequence[SparkConfig], dataset: Dataset, backbone: Resolv
     for k, spark in enumerate(settings):
         out = os.path.join(work_dir, "runs", _slug(spark))
         t = time.perf_counter()
-        m = run(RunConfig(dataset="demo", backbone="handcrafted", spark=spark, output_dir=out,
+        m = run(RunConfig(dataset="demo", backbone="handcrafted", method_config=SparkMethodConfig(spark=spark),
+                          output_dir=out,
                           feature_cache=os.path.join(work_dir, "features"), num_overlays=0),
                 dataset=dataset, backbone=backbone, quiet=True)
         d = m["diagnostics_mean"]
@@ -218,12 +220,12 @@ def main(argv):
     if best_auto:
         print(f"best entropy sharpening: {_cells(choose(best_auto, _TIE.value))}")
     c = chosen.spark
-    flag = (f"--sharpen_mode=entropy --sharpen_target={c.sharpen_target:g}" if c.sharpen_mode == "entropy"
-            else f"--sharpen={c.sharpen:g}")
+    flag = (f"--spark_sharpen_mode=entropy --spark_sharpen_target={c.sharpen_target:g}"
+            if c.sharpen_mode == "entropy" else f"--spark_sharpen={c.sharpen:g}")
     print(f"CHOSEN: {describe(c)}, beta {c.beta:g}, r {c.inflation:g}: calibration mIoU {100 * chosen.miou:.1f}, "
           f"{chosen.segments:.1f} segments per image")
-    print(f"score it on the demo benchmark: python -m experiments.run {flag} --beta={c.beta:g} "
-          f"--inflation={c.inflation:g}")
+    print(f"score it on the demo benchmark: python -m experiments.run {flag} --spark_beta={c.beta:g} "
+          f"--spark_inflation={c.inflation:g}")
     print(f"total {time.perf_counter() - start:.0f} s")
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "calibration.json"), "w", encoding="utf-8") as f:

@@ -15,7 +15,7 @@ excluding the backbone, compilation and PAMR; per image the faster of the two ru
 Every run is an ordinary ``experiments.run`` output folder (``<output_dir>/<dataset>/<method>-pamr`` and
 ``-nopamr``, with metrics.json, predictions and overlays) and resumes: rerunning the command continues where it
 stopped and rebuilds the tables from the metrics.json files. Every hyperparameter flag of ``experiments.run``
-applies (``--beta``, ``--ncut_tau``, ``--kmeans_k``, ...). The library logic is
+applies (``--spark_beta``, ``--ncut_tau``, ``--kmeans_k``, ...; each method reads its own). The library logic is
 :mod:`spark_jax.runner.comparison`; this module parses the flags.
 """
 
@@ -28,14 +28,16 @@ from absl import app, flags
 
 from experiments import run_flags
 from spark_jax.data import DatasetNotFoundError
-from spark_jax.runner import DATASET_ORDER, ENTRIES, BackboneNotFoundError, compare
+from spark_jax.runner import DATASET_ORDER, BackboneNotFoundError, compare, comparison_entries
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_list("datasets", list(DATASET_ORDER),
                   "Benchmarks to compare on; real ones are looked for under --data_dir and skipped with a note when "
                   "absent.")
-flags.DEFINE_list("methods", list(ENTRIES), f"Methods to compare, among {', '.join(ENTRIES)}.")
+flags.DEFINE_list("methods", list(comparison_entries()),
+                  f"Methods (and variants) to compare, among {', '.join(comparison_entries())} (and any method "
+                  "registered later).")
 FLAGS.set_default("batch_size", 1)  # per-image clustering time, as the papers report it
 
 
@@ -45,7 +47,8 @@ def main(argv):
     output_dir = FLAGS.output_dir or "outputs/compare"
     try:
         base = run_flags.run_config_from_flags()
-        summary = compare(base, datasets=FLAGS.datasets, methods=FLAGS.methods, output_dir=output_dir)
+        summary = compare(base, datasets=FLAGS.datasets, methods=FLAGS.methods, output_dir=output_dir,
+                          method_configs=run_flags.method_configs_from_flags())
     except (DatasetNotFoundError, BackboneNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,10 +9,13 @@ regenerates it); about a minute on a 2-core CPU. For Table 1, give a dataset and
     python -m experiments.run --dataset=voc --data_dir=/data/VOCdevkit --checkpoint=/models/SSD-1B \
         --output_dir=runs/voc-spark
 
-``--method=spark|diffcut|autosc|kmeans`` selects SPARK or one of its baselines, all on the same features,
-upsampling, PAMR and scoring. Every SparkConfig hyperparameter is a flag of the same name (``--beta``,
-``--inflation``, ...; given explicitly, they override the preset's values); the baselines' are prefixed
-(``--ncut_tau``, ``--ncut_alpha``, ``--autosc_alphas``, ``--kmeans_k=gt|K``, ...; see experiments/run_flags.py).
+``--method=spark|diffcut|autosc|kmeans`` (or any method registered in :data:`spark_jax.methods.REGISTRY`)
+selects SPARK or one of its baselines, all on the same features, upsampling, PAMR and scoring. Every method's
+hyperparameters are flags with its prefix, generated from its config: ``--spark_beta``, ``--spark_inflation``,
+``--spark_global_source``, ... (given explicitly, they override the preset's values), ``--ncut_tau``,
+``--ncut_alpha``, ``--autosc_alphas``, ``--kmeans_k=gt|K``, ... (see experiments/run_flags.py). Deprecated: the
+unprefixed SPARK flags of earlier releases (``--beta``, ``--inflation``, ...) are still accepted for one release as
+aliases of ``--spark_beta``, ``--spark_inflation``, ....
 Runs resume: rerunning the same command continues where it stopped. ``--feature_cache=DIR`` keeps the
 backbone's features so that sweeps over SPARK's hyperparameters skip the backbone.
 """
@@ -25,18 +28,31 @@ from absl import app, flags
 
 from experiments import run_flags
 from spark_jax.data import DATASETS, DatasetNotFoundError
-from spark_jax.runner import METHODS, BackboneNotFoundError, OutputPathError, RunConfig, run
+from spark_jax.methods import REGISTRY
+from spark_jax.runner import BackboneNotFoundError, OutputPathError, RunConfig, run
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_enum("dataset", "demo", sorted(DATASETS), "Benchmark to evaluate.")
-flags.DEFINE_enum("method", "spark", sorted(METHODS),
-                  "Segmentation method: spark, or a baseline on the same features, upsampling, PAMR and scoring: "
-                  "diffcut (recursive NCut), autosc (eigengap spectral clustering), kmeans.")
+flags.DEFINE_string("method", "spark",
+                    f"Segmentation method, one of {', '.join(REGISTRY)} (or one registered later): spark, or a "
+                    "baseline on the same features, upsampling, PAMR and scoring: diffcut (recursive NCut), autosc "
+                    "(eigengap spectral clustering), kmeans. Its flags carry its prefix (--spark_beta, --ncut_tau, "
+                    "--autosc_alphas, --kmeans_k, ...).")
+
+
+def _known_method(name: str) -> bool:
+    if name not in REGISTRY:  # checked when the flags are parsed: a method registered after import counts
+        raise flags.ValidationError(f"--method={name!r} is not a registered method; choose among "
+                                    f"{', '.join(REGISTRY)}")
+    return True
+
+
+flags.register_validator("method", _known_method)
 flags.DEFINE_bool("pamr", True, "Refine with PAMR after the background merge (the paper's setting).")
 flags.DEFINE_enum("upsampling", None, ["soft_labels", "concept"],
                   "Token labels -> masks: SPARK's soft-label upsampling or DiffCut's concept assignment (default: "
-                  "soft_labels for spark, concept for the baselines).")
+                  "the method's own: soft_labels for spark, concept for the baselines).")
 
 
 def config_from_flags() -> RunConfig:

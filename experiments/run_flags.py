@@ -2,43 +2,43 @@
 
 Importing this module defines the flags of everything a run depends on except the dataset, the method, PAMR
 on/off and the output folder (which each script defines its own way): backbone, resolution, protocol, PAMR's
-settings, the feature cache, the demo, and one flag per hyperparameter of every method, generated from the
-config dataclasses with their defaults:
+settings, the feature cache, the demo, and the flags of every registered method (:data:`spark_jax.methods.REGISTRY`),
+generated from its config dataclass with its defaults and its flag prefix (a field that is itself a dataclass is
+flattened under the same prefix):
 
-* SPARK: every ``SparkConfig`` field under its own name (``--beta``, ``--inflation``, ...);
+* SPARK: ``--spark_preset`` and one flag per ``SparkConfig`` field (``--spark_beta``, ``--spark_inflation``,
+  ``--spark_global_source``, ...);
 * DiffCut's recursive NCut: ``NCutConfig`` fields prefixed ``ncut_`` (``--ncut_tau``, ``--ncut_alpha``, ...);
 * AutoSC: ``AutoSCConfig`` fields prefixed ``autosc_`` (``--autosc_alphas=1,5,10,15``, ...);
-* K-means: ``KMeansConfig`` fields prefixed ``kmeans_`` (``--kmeans_max_clusters``, ...), plus ``--kmeans_k``
-  (an int, or ``gt`` for K* from the ground truth), ``--kmeans_unlabelled_k`` and ``--kmeans_seed``.
+* K-means: ``--kmeans_k`` (an int, or ``gt`` for K* from the ground truth), ``--kmeans_unlabelled_k``,
+  ``--kmeans_seed`` and the ``KMeansConfig`` fields (``--kmeans_max_clusters``, ...).
+
+A method registered later (``spark_jax.methods.register``, before the flags are parsed) gets its flags too.
+
+Deprecated: the unprefixed SPARK flags of earlier releases (``--beta``, ``--inflation``, ... one per
+``SparkConfig`` field) are still accepted, for one release, as aliases of ``--spark_<field>``; using one logs a
+warning. A method flag given explicitly replaces the value of the method's default (SPARK: of its preset,
+``--spark_preset`` or the backbone's own); with none given, the run uses the default (the preset).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from absl import flags
+from absl import flags, logging
 
-from spark_jax.methods.autosc import AutoSCConfig
 from spark_jax.backbones.diffusion import MATMUL_PRECISIONS, NOISE_SOURCES, BackboneConfig
 from spark_jax.config import SparkConfig
 from spark_jax.evaluation import PROTOCOLS
-from spark_jax.methods.kmeans import KMeansConfig
-from spark_jax.graph.ncut import NCutConfig
 from spark_jax.masks.pamr import PamrConfig
-from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
+from spark_jax.methods import REGISTRY, MethodSpec, add_listener, method_spec
 from spark_jax.runner import BACKBONES, ON_BAD_SAMPLE, BackboneNotFoundError, RunConfig, backbone_kind
 
 FLAGS = flags.FLAGS
-
-# Config dataclass -> (flag prefix, RunConfig field, module named in the help).
-CONFIG_FLAGS: dict[type, tuple[str, str, str]] = {
-    SparkConfig: ("", "spark", "spark_jax/config.py"),
-    NCutConfig: ("ncut_", "ncut", "spark_jax/graph/ncut.py"),
-    AutoSCConfig: ("autosc_", "autosc", "spark_jax/methods/autosc.py"),
-    KMeansConfig: ("kmeans_", "kmeans", "spark_jax/methods/kmeans.py"),
-}
 
 flags.DEFINE_string("output_dir", None, "Output folder (experiments.run: default "
                     "outputs/<dataset>-<method>-<protocol>; experiments.compare: default outputs/compare).")
@@ -68,10 +68,6 @@ flags.DEFINE_integer("limit", None, "Evaluate only the first N images (of each d
 flags.DEFINE_enum("protocol", RunConfig().protocol, list(PROTOCOLS),
                   "Scoring protocol (docs/evaluation.md): diffcut = DiffCut's released evaluation, which SPARK's and "
                   "DiffCut's tables are comparable to; standard = the datasets' own definitions (the correction).")
-flags.DEFINE_enum("spark_preset", "auto", ["auto", *SPARK_PRESETS],
-                  "SPARK's settings: auto = the backbone's own preset (the paper's for SSD-1B; a calibrated one for "
-                  "the handcrafted demo backbone); paper = the paper's. A SPARK flag given explicitly overrides "
-                  "the preset's value.")
 flags.DEFINE_enum("on_bad_sample", RunConfig().on_bad_sample, list(ON_BAD_SAMPLE),
                   "An unreadable image or label (checked before the run): fail = stop naming every bad file; "
                   "skip = leave them out, listed in metrics.json.")
@@ -80,109 +76,200 @@ flags.DEFINE_bool("allow_nonfinite_features", False,
                   "metrics.json) instead of stopping.")
 flags.DEFINE_integer("pamr_iters", PamrConfig().num_iter, "PAMR iterations.")
 flags.DEFINE_list("pamr_dilations", [str(d) for d in PamrConfig().dilations], "PAMR dilations.")
-flags.DEFINE_string("feature_cache", None, "Folder caching backbone features across runs.")
+flags.DEFINE_string("feature_cache", None, "Folder caching backbone taps across runs.")
 flags.DEFINE_integer("num_overlays", 8, "Overlay images written for the first N images.")
 flags.DEFINE_integer("demo_images", 8, "Number of procedural images of the demo benchmark.")
 flags.DEFINE_bool("demo_photos", True, "Add scikit-image's sample photographs to the demo (overlays only).")
-flags.DEFINE_string("kmeans_k", "gt", "K-means cluster count: an int fixed across the dataset (DiffCut Table 9: "
-                    "3 on VOC, 6 elsewhere) or 'gt' for K* = the classes present in each image's ground truth.")
-flags.DEFINE_integer("kmeans_unlabelled_k", RunConfig().kmeans_unlabelled_k,
-                     "K-means K for unlabelled images when --kmeans_k=gt (they are drawn, not scored).")
-flags.DEFINE_integer("kmeans_seed", RunConfig().kmeans_seed, "Seed of the K-means (k-means++) initialisation.")
+
+# method name -> {flag name: path of its field in the method's config, e.g. ("spark", "beta")}.
+METHOD_FLAGS: dict[str, dict[str, tuple[str, ...]]] = {}
+# Deprecated alias -> the flag it stands for (kept for one release).
+DEPRECATED_ALIASES: dict[str, str] = {}
 
 
-def _define_config_flags(cls: type, prefix: str, where: str) -> None:
-    """One flag per field of the config dataclass ``cls``, typed from its annotation, with its default."""
+class _Leaf(typing.NamedTuple):
+    path: tuple[str, ...]
+    field: dataclasses.Field
+    hint: Any
+    owner: type
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and type(None) in typing.get_args(hint) and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def config_leaves(cls: type, path: tuple[str, ...] = ()) -> Iterator[_Leaf]:
+    """The fields of a method config that get a flag: every field, those holding a dataclass flattened."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        hint, default = hints[field.name], field.default
-        name = prefix + field.name
-        doc = f"{cls.__name__}.{field.name} (default {default!r}; see {where})."
-        args = typing.get_args(hint)
-        if typing.get_origin(hint) is typing.Literal:
-            flags.DEFINE_enum(name, default, list(args), doc)
-        elif hint is bool:
-            flags.DEFINE_bool(name, default, doc)
-        elif type(None) in args and len(args) == 2:  # int | None, float | None: "none" selects None
-            item = args[0] if args[1] is type(None) else args[1]
-            flags.DEFINE_string(name, "none" if default is None else str(default),
-                                doc + f" A{'n' if item is int else ''} {item.__name__}, or 'none'.")
-        elif hint is int:
-            flags.DEFINE_integer(name, default, doc)
-        elif hint is float:
-            flags.DEFINE_float(name, default, doc)
-        elif hint is str:
-            flags.DEFINE_string(name, default, doc)
-        elif typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
-            flags.DEFINE_list(name, [str(v) for v in default], doc + " Comma-separated.")
+        inner = _dataclass_of(hints[field.name])
+        if inner is not None:
+            yield from config_leaves(inner, (*path, field.name))
         else:
-            raise TypeError(f"no flag type for {cls.__name__}.{field.name}: {hint}")
+            yield _Leaf((*path, field.name), field, hints[field.name], cls)
 
 
-def _config_from_flags(cls: type, prefix: str, base: Any = None) -> Any:
-    """``cls`` from its flags; with ``base``, only the flags given on the command line replace its values."""
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for field in dataclasses.fields(cls):
-        if base is not None and not FLAGS[prefix + field.name].present:
-            continue
-        value = FLAGS[prefix + field.name].value
-        hint = hints[field.name]
-        args = typing.get_args(hint)
-        if type(None) in args and len(args) == 2:
-            item = args[0] if args[1] is type(None) else args[1]
-            try:
-                value = None if value.strip().lower() == "none" else item(value)
-            except ValueError:
-                raise ValueError(f"--{prefix}{field.name}: expected {item.__name__} or 'none', got {value!r}") from None
-        elif typing.get_origin(hint) is tuple:
-            item = typing.get_args(hint)[0]
-            try:
-                value = tuple(item(v) for v in value)
-            except ValueError:
-                raise ValueError(f"--{prefix}{field.name}: expected comma-separated {item.__name__} values, "
-                                 f"got {','.join(value)!r}") from None
-        values[field.name] = value
-    return cls(**values) if base is None else dataclasses.replace(base, **values)
+def _define(name: str, leaf: _Leaf, source: str) -> None:
+    field, hint = leaf.field, leaf.hint
+    default = field.default
+    if default is dataclasses.MISSING:
+        raise TypeError(f"{leaf.owner.__name__}.{field.name} has no default: a method config needs defaults for its "
+                        "flags")
+    doc = field.metadata.get("help") or f"{leaf.owner.__name__}.{field.name} (see {source or leaf.owner.__module__})."
+    doc = f"{doc} Default {default!r}."
+    args = typing.get_args(hint)
+    if "parse" in field.metadata:
+        flags.DEFINE_string(name, str(default), doc)
+    elif "choices" in field.metadata:
+        flags.DEFINE_enum(name, default, list(field.metadata["choices"]), doc)
+    elif typing.get_origin(hint) is typing.Literal:
+        flags.DEFINE_enum(name, default, list(args), doc)
+    elif hint is bool:
+        flags.DEFINE_bool(name, default, doc)
+    elif type(None) in args and len(args) == 2:  # int | None, float | None: "none" selects None
+        item = args[0] if args[1] is type(None) else args[1]
+        flags.DEFINE_string(name, "none" if default is None else str(default),
+                            doc + f" A{'n' if item is int else ''} {item.__name__}, or 'none'.")
+    elif hint is int:
+        flags.DEFINE_integer(name, default, doc)
+    elif hint is float:
+        flags.DEFINE_float(name, default, doc)
+    elif hint is str:
+        flags.DEFINE_string(name, default, doc)
+    elif typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        flags.DEFINE_list(name, [str(v) for v in default], doc + " Comma-separated.")
+    else:
+        raise TypeError(f"no flag type for {leaf.owner.__name__}.{field.name}: {hint}; give the field a "
+                        "metadata 'parse' function (text, flag name) -> value")
 
 
-for _cls, (_prefix, _, _where) in CONFIG_FLAGS.items():
-    _define_config_flags(_cls, _prefix, _where)
+def define_method_flags(spec: MethodSpec) -> None:
+    """Defines the flags of one method's config (``spec.flag_prefix`` + field name)."""
+    names: dict[str, tuple[str, ...]] = {}
+    for leaf in config_leaves(spec.config_type):
+        name = spec.flag_prefix + leaf.field.name
+        if name in names or name in FLAGS:
+            raise ValueError(f"method {spec.name!r}: flag --{name} (of {'.'.join(leaf.path)}) is already defined; "
+                             "rename the field or choose another flag_prefix")
+        names[name] = leaf.path
+    for leaf in config_leaves(spec.config_type):
+        _define(spec.flag_prefix + leaf.field.name, leaf, spec.source)
+    METHOD_FLAGS[spec.name] = names
 
 
-def kmeans_k_from_flag(value: str) -> int | str:
-    """``--kmeans_k``: 'gt' or a positive int."""
-    if value.strip().lower() == "gt":
-        return "gt"
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"--kmeans_k must be an int >= 1 or 'gt', got {value!r}") from None
+def remove_method_flags(spec: MethodSpec) -> None:
+    """Removes the flags of an unregistered method."""
+    for name in METHOD_FLAGS.pop(spec.name, {}):
+        for alias, target in list(DEPRECATED_ALIASES.items()):
+            if target == name:
+                delattr(FLAGS, alias)
+                del DEPRECATED_ALIASES[alias]
+        delattr(FLAGS, name)
 
 
-def spark_from_flags(dataset: str) -> SparkConfig | None:
-    """SPARK's settings: None (the preset, resolved by the runner) unless a SPARK flag is given; then the preset
-    (``--spark_preset``, or the backbone's own) with the given flags replacing its values."""
-    given = [f.name for f in dataclasses.fields(SparkConfig) if FLAGS[f.name].present]
+def _on_registry(event: str, spec: MethodSpec) -> None:
+    if event == "register":
+        define_method_flags(spec)
+    else:
+        remove_method_flags(spec)
+
+
+for _spec in REGISTRY.values():
+    define_method_flags(_spec)
+add_listener(_on_registry)
+
+# The unprefixed SPARK flags of earlier releases (--beta, --inflation, ...): aliases for one release.
+for _field in dataclasses.fields(SparkConfig):
+    _target = "spark_" + _field.name
+    flags.DEFINE_alias(_field.name, _target)
+    FLAGS[_field.name].help = f"DEPRECATED alias of --{_target} (kept for one release; use --{_target})."
+    DEPRECATED_ALIASES[_field.name] = _target
+
+
+def _value(name: str, leaf: _Leaf) -> Any:
+    """The parsed value of a method flag."""
+    value, hint, field = FLAGS[name].value, leaf.hint, leaf.field
+    if "parse" in field.metadata:
+        return field.metadata["parse"](value, f"--{name}")
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2 and typing.get_origin(hint) is not typing.Literal:
+        item = args[0] if args[1] is type(None) else args[1]
+        try:
+            return None if value.strip().lower() == "none" else item(value)
+        except ValueError:
+            raise ValueError(f"--{name}: expected {item.__name__} or 'none', got {value!r}") from None
+    if typing.get_origin(hint) is tuple:
+        item = args[0]
+        try:
+            return tuple(item(v) for v in value)
+        except ValueError:
+            raise ValueError(f"--{name}: expected comma-separated {item.__name__} values, got "
+                             f"{','.join(value)!r}") from None
+    return value
+
+
+def method_config_from_flags(name: str, kind: Callable[[], str]) -> Any | None:
+    """Method ``name``'s config from its flags: None (the default, or SPARK's preset, resolved by the run) unless
+    one of its flags is given; then its default with the given flags replacing its values. A given flag of a field
+    that the default leaves to a preset (SPARK's ``spark``) replaces the value of the preset ``kind()`` (the
+    backbone kind) selects."""
+    spec = method_spec(name)
+    leaves = {spec.flag_prefix + leaf.field.name: leaf for leaf in config_leaves(spec.config_type)}
+    given = {flag: leaf for flag, leaf in leaves.items() if FLAGS[flag].present}
     if not given:
         return None
-    name = FLAGS.spark_preset
-    if name == "auto":
+    for alias, target in DEPRECATED_ALIASES.items():
+        if FLAGS[alias].present and target in given:
+            logging.warning("--%s is deprecated and will be removed: use --%s", alias, target)
+
+    def apply(config: Any, depth: int, of: dict[str, _Leaf]) -> Any:
+        top = {leaf.path[depth]: _value(flag, leaf) for flag, leaf in of.items() if len(leaf.path) == depth + 1}
+        groups: dict[str, dict[str, _Leaf]] = {}
+        for flag, leaf in of.items():
+            if len(leaf.path) > depth + 1:
+                groups.setdefault(leaf.path[depth], {})[flag] = leaf
+        nested = {}
+        for field, sub in groups.items():
+            inner = getattr(config, field)
+            if inner is None and depth == 0:  # left to the preset: the value the resolved config holds
+                inner = getattr(spec.resolve_config(dataclasses.replace(config, **top), kind()), field)
+            if inner is None:
+                raise ValueError(f"{', '.join('--' + f for f in sub)}: method {spec.name!r} leaves "
+                                 f"{'.'.join(sub[next(iter(sub))].path[:depth + 1])} unset, so there is no value to "
+                                 "replace")
+            nested[field] = apply(inner, depth + 1, sub)
+        return dataclasses.replace(config, **top, **nested)  # at once: a config validates its fields together
+
+    return apply(spec.default(), 0, given)
+
+
+def method_configs_from_flags(dataset: str = "demo") -> dict[str, Any | None]:
+    """Every registered method's config from its flags (``experiments.compare`` runs them all)."""
+    kind = _kind_of(dataset)
+    return {name: method_config_from_flags(name, kind) for name in REGISTRY}
+
+
+def _kind_of(dataset: str) -> Callable[[], str]:
+    """The kind of the backbone the flags select, looked up (cheaply, without loading it) when first needed."""
+    @functools.cache
+    def kind() -> str:
         probe = RunConfig(dataset=dataset, backbone=FLAGS.backbone, checkpoint=FLAGS.checkpoint)
         try:
-            name = preset_for_backbone(backbone_kind(probe)[0])
+            return backbone_kind(probe)[0]
         except BackboneNotFoundError:
-            name = "paper"  # the run itself reports the missing checkpoint
-    if name not in SPARK_PRESETS:
-        raise ValueError(f"--spark_preset must be 'auto' or one of {sorted(SPARK_PRESETS)}, got {name!r}")
-    return _config_from_flags(SparkConfig, "", base=SPARK_PRESETS[name].config)
+            return "ssd1b"  # the run itself reports the missing checkpoint
+    return kind
 
 
 def run_config_from_flags(**fields: Any) -> RunConfig:
-    """The RunConfig of the shared flags; ``fields`` gives the rest (dataset, method, pamr, output_dir, ...)."""
-    configs = {field: _config_from_flags(cls, prefix) for cls, (prefix, field, _) in CONFIG_FLAGS.items()
-               if cls is not SparkConfig}
-    configs["spark"] = spark_from_flags(fields.get("dataset", "demo"))
+    """The RunConfig of the shared flags; ``fields`` gives the rest (dataset, method, pamr, output_dir, ...) and
+    replaces any value the flags give."""
     try:
         dilations = tuple(int(d) for d in FLAGS.pamr_dilations)
     except ValueError:
@@ -191,14 +278,16 @@ def run_config_from_flags(**fields: Any) -> RunConfig:
     if not dilations or min(dilations) < 1 or FLAGS.pamr_iters < 0:
         raise ValueError(f"--pamr_dilations must be ints >= 1 and --pamr_iters >= 0, got "
                          f"{','.join(FLAGS.pamr_dilations)!r} and {FLAGS.pamr_iters}")
-    pamr = PamrConfig(num_iter=FLAGS.pamr_iters, dilations=dilations)
-    return RunConfig(
+    method = fields.get("method", "spark")
+    values = dict(
         data_dir=FLAGS.data_dir, backbone=FLAGS.backbone, checkpoint=FLAGS.checkpoint, resolution=FLAGS.resolution,
         mask_size=FLAGS.mask_size, batch_size=FLAGS.batch_size, limit=FLAGS.limit, protocol=FLAGS.protocol,
         feature_cache=FLAGS.feature_cache, num_overlays=FLAGS.num_overlays, on_bad_sample=FLAGS.on_bad_sample,
-        allow_nonfinite_features=FLAGS.allow_nonfinite_features, spark_preset=FLAGS.spark_preset,
-        demo_images=FLAGS.demo_images, demo_photos=FLAGS.demo_photos, timestep=FLAGS.timestep, seed=FLAGS.seed,
-        noise_source=FLAGS.noise_source, noise_file=FLAGS.noise_file, unet_dtype=FLAGS.unet_dtype,
-        backbone_precision=FLAGS.backbone_precision, pamr_config=pamr, kmeans_k=kmeans_k_from_flag(FLAGS.kmeans_k),
-        kmeans_unlabelled_k=FLAGS.kmeans_unlabelled_k, kmeans_seed=FLAGS.kmeans_seed, **configs, **fields,
+        allow_nonfinite_features=FLAGS.allow_nonfinite_features, demo_images=FLAGS.demo_images,
+        demo_photos=FLAGS.demo_photos, timestep=FLAGS.timestep, seed=FLAGS.seed, noise_source=FLAGS.noise_source,
+        noise_file=FLAGS.noise_file, unet_dtype=FLAGS.unet_dtype, backbone_precision=FLAGS.backbone_precision,
+        pamr_config=PamrConfig(num_iter=FLAGS.pamr_iters, dilations=dilations), method=method,
     )
+    values["method_config"] = method_config_from_flags(method, _kind_of(fields.get("dataset", "demo")))
+    values.update(fields)
+    return RunConfig(**values)

@@ -3,7 +3,9 @@
 SPARK's hyperparameters depend on the features' affinity statistics (WORKSPACE.md, behaviour map): the paper's
 values were tuned on SSD-1B features and over-segment the low-level features of the weights-free handcrafted
 backbone. So each backbone carries a named preset; ``--spark_preset`` picks another, and any SPARK flag given
-explicitly overrides the preset's value for that field.
+explicitly (``--spark_beta``, ...) overrides the preset's value for that field. The SPARK method's config
+(:class:`spark_jax.methods.spark.SparkMethodConfig`: a preset name and optional explicit settings) is resolved
+against these by :func:`spark_jax.methods.spark.resolve_spark`.
 """
 
 from __future__ import annotations

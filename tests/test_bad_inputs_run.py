@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from spark_jax.config import SparkConfig
+from spark_jax.methods.spark import SparkMethodConfig
+from spark_jax.models.taps import UnknownTapError
 from spark_jax.data.base import BadSampleError, Dataset, Sample
 from spark_jax.data.demo import DEMO_LABEL_SPACE, demo_image
 from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
@@ -64,7 +66,7 @@ class NaNBackbone:
 
 def cfg(out, **kw) -> RunConfig:
     base = dict(dataset="demo", backbone="handcrafted", resolution=64, mask_size=32, batch_size=2,
-                output_dir=str(out), num_overlays=0, spark=SPARK)
+                output_dir=str(out), num_overlays=0, method_config=SparkMethodConfig(spark=SPARK))
     return RunConfig(**{**base, **kw})
 
 
@@ -138,23 +140,27 @@ def expect_same_data_dir_resumes(tmp_path):
 def feature_cache_entry_truncated(tmp_path):
     cache = tmp_path / "cache"
     first = first_run(tmp_path, feature_cache=str(cache))
-    entries = sorted(cache.rglob("*.npy"))
+    entries = sorted(cache.rglob("*.npz"))
     assert len(entries) == 2
     entries[0].write_bytes(entries[0].read_bytes()[:50])
-    with pytest.warns(RuntimeWarning, match=r"feature cache entry .*\.npy is unreadable.*recomputing"):
+    with pytest.warns(RuntimeWarning, match=r"feature cache entry .*\.npz is unreadable.*recomputing"):
         again = run(cfg(tmp_path / "again", feature_cache=str(cache)), dataset=Demo(), quiet=True)
     assert again["miou"] == first["miou"]
-    np.load(entries[0])  # rewritten whole
+    with np.load(entries[0]) as z:  # rewritten whole
+        [z[k] for k in z.files]
 
 
 def feature_cache_entry_wrong_shape(tmp_path):
     cache = tmp_path / "cache"
     first_run(tmp_path, feature_cache=str(cache))
-    entry = sorted(cache.rglob("*.npy"))[1]
-    np.save(entry, np.zeros((3,), np.int64))
-    with pytest.warns(RuntimeWarning, match="not the \\[h, w, C\\] float features"):
+    entry = sorted(cache.rglob("*.npz"))[1]
+    with np.load(entry) as z:
+        shapes = {k: z[k].shape for k in z.files}
+    np.savez(entry, **{k: np.zeros((3,), np.int64) for k in shapes})
+    with pytest.warns(RuntimeWarning, match="not the float tap of its batch"):
         m = run(cfg(tmp_path / "again", feature_cache=str(cache)), dataset=Demo(), quiet=True)
-    assert m["num_images_scored"] == 2 and np.load(entry).ndim == 3
+    with np.load(entry) as z:
+        assert m["num_images_scored"] == 2 and {k: z[k].shape for k in z.files} == shapes
 
 
 def output_dir_is_a_file(tmp_path):
@@ -194,6 +200,24 @@ def expect_nonfinite_features_allowed_and_counted(tmp_path):
     assert m["nonfinite_features"] == {"allowed": True, "num_images": 1, "num_tokens": 1}
     recs = load_results(str(tmp_path / "out" / "results.jsonl"))
     assert [r["nonfinite_feature_tokens"] for r in recs] == [0, 1]
+
+
+class FeaturesOnlyExtractor:
+    """A user's feature extractor without taps (only extract_features)."""
+
+    resolution = 64
+
+    def __init__(self):
+        self.inner = HandcraftedBackbone(HandcraftedConfig(resolution=64))
+
+    def extract_features(self, images):
+        return self.inner.extract_features(images)
+
+
+def tap_the_backbone_lacks(tmp_path):
+    method_config = SparkMethodConfig(spark=SPARK.replace(global_source="attention"))
+    run(cfg(tmp_path / "out", method_config=method_config), dataset=Demo(), backbone=FeaturesOnlyExtractor(),
+        quiet=True)
 
 
 class AllVoid(Demo):
@@ -286,6 +310,8 @@ CASES = [
          (r"demo_0001 \(1 of 64 tokens\)", "NaN or Inf weights", "float16 overflow",
           "--allow_nonfinite_features")),
     Case("NaN features, allowed: scored and counted", expect_nonfinite_features_allowed_and_counted),
+    Case("a method needs a tap the backbone lacks", tap_the_backbone_lacks, UnknownTapError,
+         (r"tap 'features:probs_mean' is not available from FeaturesOnlyExtractor", "diffusion backbone")),
     Case("label map with no valid pixel: reported, not scored", expect_no_valid_pixel_reported_not_scored),
     Case("unreadable images, --on_bad_sample=fail", bad_samples_fail, BadDataError,
          ("2 of 5 samples cannot be read", r"demo_0001: /data/img1\.jpg: the file is truncated \(re-extract it\)",
@@ -297,7 +323,8 @@ CASES = [
          ("--resolution must be an int >= 8",)),
     Case("--on_bad_sample=ignore", lambda tmp_path: cfg(tmp_path, on_bad_sample="ignore"), ValueError,
          ("--on_bad_sample must be one of",)),
-    Case("--spark_preset=best", lambda tmp_path: cfg(tmp_path, spark_preset="best"), ValueError,
+    Case("--spark_preset=best", lambda tmp_path: cfg(tmp_path, method_config=SparkMethodConfig(preset="best")),
+         ValueError,
          ("--spark_preset must be 'auto' or one of",)),
 ]
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spark_jax.runner import ENTRIES, compare, run_dir, to_markdown
+from spark_jax.methods.spark import SparkMethodConfig
+from spark_jax.runner import compare, comparison_entries, run_dir, to_markdown
 from spark_jax.config import SparkConfig
 from spark_jax.backbones.handcrafted import HandcraftedBackbone
 from spark_jax.runner import RunConfig, load_results
@@ -37,17 +38,17 @@ def write_cityscapes(root, stem="lindau_000000_000019"):
 def test_compare_runs_every_method_with_and_without_pamr_on_shared_features(tmp_path, monkeypatch):
     write_cityscapes(tmp_path / "data")
     calls = []
-    original = HandcraftedBackbone.extract_features_prepared
+    original = HandcraftedBackbone.extract_prepared
 
-    def counting(self, x):
+    def counting(self, x, taps):
         calls.append(x.shape[0])
-        return original(self, x)
+        return original(self, x, taps)
 
-    monkeypatch.setattr(HandcraftedBackbone, "extract_features_prepared", counting)
+    monkeypatch.setattr(HandcraftedBackbone, "extract_prepared", counting)
     # The settings of the runner tests (small, fast, and the same compiled methods).
     base = RunConfig(backbone="handcrafted", resolution=64, mask_size=32, batch_size=2, demo_images=2,
                      demo_photos=False, num_overlays=0, data_dir=str(tmp_path / "data"),
-                     spark=SparkConfig(sharpen=5.0, beta=0.8, inflation=1.5))
+                     method_config=SparkMethodConfig(spark=SparkConfig(sharpen=5.0, beta=0.8, inflation=1.5)))
     logs = []
     out = tmp_path / "cmp"
     summary = compare(base, datasets=["demo", "voc", "cityscapes"], methods=METHODS, output_dir=str(out),
@@ -63,7 +64,7 @@ def test_compare_runs_every_method_with_and_without_pamr_on_shared_features(tmp_
         for name in ("demo", "cityscapes"):
             for pamr in (True, False):
                 m = json.load(open(os.path.join(run_dir(str(out), name, row["method"], pamr), "metrics.json")))
-                assert m["config"]["run"]["pamr"] is pamr and m["method"] == ENTRIES[row["method"]].method
+                assert m["config"]["run"]["pamr"] is pamr and m["method"] == comparison_entries()[row["method"]].method
                 cell = row["datasets"][name]
                 assert cell["miou_pamr" if pamr else "miou_nopamr"] == m["miou"]
                 assert f"{100 * m['miou']:.1f}" in md

@@ -18,7 +18,8 @@ from spark_jax.data.base import Dataset, Sample
 from spark_jax.data.demo import DEMO_LABEL_SPACE, demo_image
 from spark_jax.data.voc import VOC_LABEL_SPACE
 from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
-from spark_jax.methods.kmeans import KMeansConfig
+from spark_jax.methods.kmeans import KMeansConfig, KMeansMethodConfig
+from spark_jax.methods.spark import SparkMethodConfig
 from spark_jax.graph.ncut import NCutConfig
 from spark_jax.data.preprocess import prepare_label
 from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
@@ -49,9 +50,12 @@ class TinyDemo(Dataset):
         return Sample(s.image, None, "photo_x")
 
 
-def tiny_cfg(out, **kw):
+def tiny_cfg(out, spark=SPARK, **kw):
+    """A tiny run; ``spark``: SPARK's settings when the method is SPARK."""
     base = dict(dataset="demo", backbone="handcrafted", resolution=64, mask_size=32, batch_size=2,
-                output_dir=str(out), num_overlays=1, spark=SPARK)
+                output_dir=str(out), num_overlays=1)
+    if kw.get("method", "spark") == "spark" and "method_config" not in kw:
+        base["method_config"] = SparkMethodConfig(spark=spark)
     base.update(kw)
     return RunConfig(**base)
 
@@ -64,7 +68,7 @@ def test_demo_end_to_end_writes_metrics_predictions_and_overlays(tmp_path):
     m = run(tiny_cfg(tmp_path), dataset=TinyDemo(3), quiet=True)
     assert 0.0 <= m["miou"] <= 1.0 and m["num_images_scored"] == 3 and m["num_images"] == 4
     assert set(m["per_class_iou"]) == set(DEMO_LABEL_SPACE.class_names)
-    assert m["config"]["run"]["spark"]["inflation"] == 1.5
+    assert m["config"]["run"]["method_config"]["spark"]["inflation"] == 1.5
     # the diffusion backbone's settings are recorded with every run
     assert {k: m["config"]["run"][k] for k in ("timestep", "seed", "noise_source", "backbone_precision")} == {
         "timestep": 50, "seed": 42, "noise_source": "jax", "backbone_precision": "highest"}
@@ -141,17 +145,17 @@ def test_resume_refuses_a_different_configuration(tmp_path):
 def test_feature_cache_lets_a_sweep_skip_the_backbone(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = run(tiny_cfg(tmp_path / "a", feature_cache=str(cache)), dataset=TinyDemo(2), quiet=True)
-    assert len(list(cache.rglob("*.npy"))) == 3
+    assert len(list(cache.rglob("*.npz"))) == 3
 
-    def no_backbone(self, x):
+    def no_backbone(self, x, taps):
         raise AssertionError("the backbone ran although its features are cached")
 
-    monkeypatch.setattr(HandcraftedBackbone, "extract_features_prepared", no_backbone)
+    monkeypatch.setattr(HandcraftedBackbone, "extract_prepared", no_backbone)
     same = run(tiny_cfg(tmp_path / "b", feature_cache=str(cache)), dataset=TinyDemo(2), quiet=True)
     assert same["miou"] == first["miou"]
     other = run(tiny_cfg(tmp_path / "c", feature_cache=str(cache), spark=SPARK.replace(inflation=2.0)),
                 dataset=TinyDemo(2), quiet=True)
-    assert other["config"]["run"]["spark"]["inflation"] == 2.0
+    assert other["config"]["run"]["method_config"]["spark"]["inflation"] == 2.0
 
 
 def write_cityscapes(root, frames):
@@ -214,14 +218,14 @@ def test_cli_demo_runs_with_the_backbones_preset_and_says_what_it_shows(tmp_path
     m = json.load(open(tmp_path / "cli" / "metrics.json"))
     preset = preset_for_backbone("handcrafted")
     assert m["spark_preset"]["name"] == preset and f"preset {preset}" in proc.stdout
-    assert m["config"]["run"]["spark"] == {**SPARK_PRESETS[preset].config.__dict__}
+    assert m["config"]["run"]["method_config"]["spark"] == {**SPARK_PRESETS[preset].config.__dict__}
     # --spark_preset=paper restores the paper's values; an explicit flag overrides one of them
     paper = subprocess.run(cmd[:-1] + [f"--output_dir={tmp_path}/paper", "--spark_preset=paper", "--beta=0.7"],
                            capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert paper.returncode == 0, paper.stderr
     m = json.load(open(tmp_path / "paper" / "metrics.json"))
-    assert m["config"]["run"]["spark"] == {**SparkConfig(beta=0.7).__dict__}
-    assert m["config"]["run"]["spark_preset"] == "custom"
+    assert m["config"]["run"]["method_config"]["spark"] == {**SparkConfig(beta=0.7).__dict__}
+    assert m["config"]["run"]["method_config"]["preset"] == "custom"
     bad = subprocess.run(cmd[:3] + ["--dataset=voc", f"--data_dir={tmp_path}/none", f"--output_dir={tmp_path}/x"],
                          capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert bad.returncode == 2 and "Expected layout" in bad.stderr
@@ -300,8 +304,13 @@ def test_a_raw_image_backbone_gets_one_shape_per_call(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- baselines
 BASELINES = ["diffcut", "autosc", "kmeans"]
-OWN_FIELDS = {"spark": {"spark"}, "diffcut": {"ncut"}, "autosc": {"autosc"},
-              "kmeans": {"kmeans", "kmeans_k", "kmeans_unlabelled_k", "kmeans_seed"}}
+# The fields of each method's own config: all that run_config.json records of the method ("method_config").
+OWN_FIELDS = {"spark": {"preset", "spark"}, "diffcut": {f.name for f in dataclasses.fields(NCutConfig)},
+              "autosc": {f.name for f in dataclasses.fields(AutoSCConfig)},
+              "kmeans": {"k", "unlabelled_k", "seed", "kmeans"}}
+# RunConfig fields of earlier releases that held one method's settings each.
+OLD_METHOD_FIELDS = {"spark", "spark_preset", "ncut", "autosc", "kmeans", "kmeans_k", "kmeans_unlabelled_k",
+                     "kmeans_seed"}
 
 
 @pytest.mark.parametrize("method", BASELINES)
@@ -314,7 +323,8 @@ def test_a_baseline_runs_through_the_shared_pipeline_and_records_its_config_and_
     run_cfg = m["config"]["run"]
     # only this method's hyperparameters are recorded; the baselines use DiffCut's concept assignment
     others = set().union(*OWN_FIELDS.values()) - OWN_FIELDS[method]
-    assert OWN_FIELDS[method] <= set(run_cfg) and not others & set(run_cfg)
+    own = set(run_cfg["method_config"])
+    assert OWN_FIELDS[method] <= own and not others & own and not OLD_METHOD_FIELDS & set(run_cfg)
     assert run_cfg["upsampling"] == "concept"
     t = m["clustering_seconds_per_image"]
     assert t["num_images"] == 3 and 0 < t["median"] and 0 < t["mean"] < m["timing"]["this_session_seconds"]
@@ -329,10 +339,10 @@ def test_a_baseline_runs_through_the_shared_pipeline_and_records_its_config_and_
 @pytest.mark.parametrize(
     "method, change",
     [
-        ("diffcut", {"ncut": NCutConfig(tau=0.3)}),
-        ("autosc", {"autosc": AutoSCConfig(alphas=(1.0, 5.0))}),
-        ("kmeans", {"kmeans_k": 3}),
-        ("kmeans", {"kmeans_seed": 1}),
+        ("diffcut", {"method_config": NCutConfig(tau=0.3)}),
+        ("autosc", {"method_config": AutoSCConfig(alphas=(1.0, 5.0))}),
+        ("kmeans", {"method_config": KMeansMethodConfig(k=3)}),
+        ("kmeans", {"method_config": KMeansMethodConfig(seed=1)}),
         ("diffcut", {"method": "kmeans"}),
     ],
 )
@@ -344,17 +354,28 @@ def test_resume_refuses_a_changed_method_or_method_config(tmp_path, method, chan
 
 
 def test_another_methods_settings_do_not_block_a_resume(tmp_path):
+    from absl import flags
+
+    from experiments import run_flags
+
     cfg = tiny_cfg(tmp_path, method="diffcut", limit=1)
     run(cfg, dataset=TinyDemo(1), quiet=True)
     calls = []
-    m = run(dataclasses.replace(cfg, spark=SPARK.replace(inflation=2.0), kmeans_k=3), dataset=TinyDemo(1),
-            on_image=calls.append, quiet=True)
+    fv = flags.FLAGS
+    try:  # the same run from a command line that also sets other methods' flags
+        fv(["run", "--spark_inflation=2.0", "--beta=0.7", "--kmeans_k=3"])
+        same = run_flags.run_config_from_flags(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                                                  if f.name != "method_config"})
+    finally:
+        fv.unparse_flags()
+    m = run(same, dataset=TinyDemo(1), on_image=calls.append, quiet=True)
     assert calls == [] and m["num_images_scored"] == 1
 
 
 def test_kmeans_k_star_is_the_number_of_classes_in_each_ground_truth(tmp_path):
-    m = run(tiny_cfg(tmp_path, method="kmeans", kmeans_k="gt"), dataset=TinyDemo(3), quiet=True)
-    assert m["config"]["run"]["kmeans_k"] == "gt"
+    m = run(tiny_cfg(tmp_path, method="kmeans", method_config=KMeansMethodConfig(k="gt")), dataset=TinyDemo(3),
+            quiet=True)
+    assert m["config"]["run"]["method_config"]["k"] == "gt"
     records = load_results(os.path.join(tmp_path, "results.jsonl"))
     for r in records:
         if r["scored"]:
@@ -407,15 +428,18 @@ def test_baselines_refuse_soft_label_upsampling_and_bad_kmeans_k():
     assert RunConfig(method="autosc").resolved_upsampling == "concept"
     assert RunConfig(method="spark").resolved_upsampling == "soft_labels"
     with pytest.raises(ValueError, match="kmeans_k"):
-        RunConfig(method="kmeans", kmeans_k="auto")
+        RunConfig(method="kmeans", method_config=KMeansMethodConfig(k="auto"))
     with pytest.raises(ValueError, match="kmeans_max_clusters"):
-        RunConfig(method="kmeans", kmeans_k=40, kmeans=KMeansConfig(max_clusters=32))
+        RunConfig(method="kmeans", method_config=KMeansMethodConfig(k=40, kmeans=KMeansConfig(max_clusters=32)))
     with pytest.raises(ValueError, match="tau"):
-        RunConfig(method="diffcut", ncut=NCutConfig(tau=-1.0))
+        RunConfig(method="diffcut", method_config=NCutConfig(tau=-1.0))
+    with pytest.raises(TypeError, match="takes a NCutConfig"):
+        RunConfig(method="diffcut", method_config=AutoSCConfig())
 
 
 def test_kmeans_k_above_the_token_count_is_a_clear_error(tmp_path):
-    cfg = tiny_cfg(tmp_path, method="kmeans", kmeans_k=65, kmeans=KMeansConfig(max_clusters=80), limit=1)
+    cfg = tiny_cfg(tmp_path, method="kmeans", limit=1,
+                   method_config=KMeansMethodConfig(k=65, kmeans=KMeansConfig(max_clusters=80)))
     with pytest.raises(ValueError, match="exceeds the 8x8=64 tokens"):
         run(cfg, dataset=TinyDemo(1), quiet=True)
 
@@ -424,36 +448,45 @@ def test_flags_cover_every_method_hyperparameter():
     from absl import flags
 
     from experiments import run as cli
-    from experiments.run_flags import CONFIG_FLAGS
+    from experiments import run_flags
+    from spark_jax.methods import REGISTRY
 
     fv = flags.FLAGS
-    for cls, (prefix, _, _) in CONFIG_FLAGS.items():
-        for field in dataclasses.fields(cls):
-            assert prefix + field.name in fv, f"no flag for {cls.__name__}.{field.name}"
+    for spec in REGISTRY.values():
+        for leaf in run_flags.config_leaves(spec.config_type):
+            assert spec.flag_prefix + leaf.field.name in fv, f"no flag for {spec.name}'s {'.'.join(leaf.path)}"
+    for field in dataclasses.fields(SparkConfig):  # the unprefixed spellings stay, deprecated, for one release
+        assert "spark_" + field.name in fv and "DEPRECATED" in fv[field.name].help
     argv = ["run", "--method=diffcut", "--ncut_tau=0.3", "--ncut_eigensolver=lobpcg", "--autosc_alphas=1,5",
             "--kmeans_k=3", "--kmeans_num_local_trials=2", "--beta=0.7", "--batch_size=2", "--ncut_max_segments=none",
             "--max_clusters=16"]
     try:
         fv(argv)
         cfg = cli.config_from_flags()
-        assert cfg.method == "diffcut" and cfg.ncut == NCutConfig(tau=0.3, eigensolver="lobpcg", max_segments=None)
-        assert cfg.spark.max_clusters == 16 and cfg.kmeans.num_local_trials == 2
-        assert cfg.autosc.alphas == (1.0, 5.0) and cfg.kmeans_k == 3 and cfg.kmeans.num_local_trials == 2
-        assert cfg.spark.beta == 0.7 and cfg.upsampling is None and cfg.resolved_upsampling == "concept"
+        configs = run_flags.method_configs_from_flags()  # every method's (experiments.compare runs them all)
+        assert cfg.method == "diffcut" and cfg.method_config == NCutConfig(tau=0.3, eigensolver="lobpcg",
+                                                                           max_segments=None)
+        assert configs["spark"].spark.max_clusters == 16 and configs["kmeans"].kmeans.num_local_trials == 2
+        assert configs["autosc"].alphas == (1.0, 5.0) and configs["kmeans"].k == 3
+        assert configs["spark"].spark.beta == 0.7 and cfg.upsampling is None and cfg.resolved_upsampling == "concept"
         fv.unparse_flags()
-        fv(["run", "--kmeans_k=gt", "--autosc_alphas=1,x"])
+        fv(["run", "--spark_beta=0.65", "--spark_global_source=attention"])  # the prefixed spelling
+        spark = cli.config_from_flags().method_config.spark
+        assert spark.beta == 0.65 and spark.global_source == "attention"
+        fv.unparse_flags()
+        fv(["run", "--method=autosc", "--kmeans_k=gt", "--autosc_alphas=1,x"])
         with pytest.raises(ValueError, match="autosc_alphas"):
             cli.config_from_flags()
         fv.unparse_flags()
-        fv(["run", "--ncut_max_segments=many"])
+        fv(["run", "--method=diffcut", "--ncut_max_segments=many"])
         with pytest.raises(ValueError, match="ncut_max_segments: expected int or 'none'"):
             cli.config_from_flags()
         fv.unparse_flags()
         fv(["run"])
-        assert cli.config_from_flags().spark is None  # no SPARK flag: the backbone's preset, resolved by the run
+        assert cli.config_from_flags().method_config is None  # no SPARK flag: the backbone's preset, resolved by the run
         fv.unparse_flags()
         fv(["run", "--spark_preset=paper", "--max_clusters=none"])
-        assert cli.config_from_flags().spark == SparkConfig()  # 'none' round-trips to max_clusters=None
+        assert cli.config_from_flags().method_config.spark == SparkConfig()  # 'none' round-trips to max_clusters=None
         fv.unparse_flags()
         fv(["run", "--timestep=300", "--seed=7", "--unet_dtype=bfloat16", "--backbone_precision=high",
             "--noise_source=file", "--noise_file=eps.npy"])
@@ -466,7 +499,7 @@ def test_flags_cover_every_method_hyperparameter():
                               (["--timestep=-3"], "timestep must be >= 0"),
                               (["--pamr_dilations=0,2"], "--pamr_dilations must be ints >= 1"),
                               (["--resolution=-4"], "--resolution must be an int >= 8"),
-                              (["--kmeans_k=lots"], "--kmeans_k must be an int >= 1 or 'gt'")):
+                              (["--method=kmeans", "--kmeans_k=lots"], "--kmeans_k must be an int >= 1 or 'gt'")):
             fv.unparse_flags()
             fv(["run", *argv])
             with pytest.raises(ValueError, match=message):
@@ -498,6 +531,6 @@ def test_a_sweep_over_numeric_hyperparameters_compiles_once(tmp_path):
         assert m["num_images_scored"] == 1
         return COMPILES.count - before
 
-    compiles_of(ncut=NCutConfig(tau=0.5))  # compiles the method (and the rest of the pipeline) once
-    assert compiles_of(ncut=NCutConfig(tau=0.3, alpha=5.0)) == 0  # tau and alpha are traced leaves
-    assert compiles_of(ncut=NCutConfig(max_segments=32)) >= 1  # a structural field recompiles
+    compiles_of(method_config=NCutConfig(tau=0.5))  # compiles the method (and the rest of the pipeline) once
+    assert compiles_of(method_config=NCutConfig(tau=0.3, alpha=5.0)) == 0  # tau and alpha are traced leaves
+    assert compiles_of(method_config=NCutConfig(max_segments=32)) >= 1  # a structural field recompiles

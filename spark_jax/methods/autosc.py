@@ -251,3 +251,40 @@ def autosc_batch(features: jax.Array, cfg: AutoSCConfig) -> AutoSCResult:
     if features.ndim != 4:
         raise ValueError(f"autosc_batch takes features [B, h, w, C], got shape {features.shape}")
     return jax.lax.map(lambda x: autosc(x, cfg), features)
+
+
+# ----------------------------------------------------------------------------------------------- the method spec
+# AutoSC as a method of the runner (``--method=autosc``, flags ``--autosc_<field>``): the features -> AutoSC ->
+# DiffCut's concept assignment of the clusters to the mask size (AutoSC has no soft labels).
+from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, concept_masks  # noqa: E402
+
+
+def _spec_build(ctx: MethodContext):
+    def method(inputs: MethodInputs, acfg: AutoSCConfig):
+        _, h, w, _ = inputs.features.shape
+        res = autosc_batch(inputs.features, acfg)
+        bound = h * w if acfg.max_clusters is None else min(acfg.max_clusters, h * w)  # labels lie in [0, bound)
+        labels = concept_masks(inputs.features, res.labels, bound, ctx.mask_size)
+        diag = {
+            "num_clusters": res.num_clusters,
+            "num_segments": res.num_segments,
+            "alpha": res.alpha,
+            "eigengap": res.eigengap,
+            "truncated": res.truncated,
+            "num_nonfinite_tokens": res.num_nonfinite_tokens,
+        }
+        return labels, diag
+
+    return method
+
+
+SPEC = MethodSpec(
+    name="autosc",
+    title="AutoSC",
+    config_type=AutoSCConfig,
+    flag_prefix="autosc_",
+    build=_spec_build,
+    params=lambda cfg, ctx, grid: cfg,
+    diagnostics=("num_clusters", "num_segments", "alpha", "eigengap", "truncated", "num_nonfinite_tokens"),
+    source="spark_jax/methods/autosc.py",
+)

@@ -304,3 +304,124 @@ def kmeans_tokens_batch(
     num_clusters = jnp.broadcast_to(jnp.asarray(num_clusters, jnp.int32), (b,))
     keys = jax.random.split(key, b)
     return jax.vmap(kmeans_tokens, in_axes=(0, 0, 0, None))(features, num_clusters, keys, cfg)
+
+
+# ----------------------------------------------------------------------------------------------- the method spec
+# K-means as a method of the runner (``--method=kmeans``; flags ``--kmeans_k``, ``--kmeans_unlabelled_k``,
+# ``--kmeans_seed`` and ``--kmeans_<KMeansConfig field>``): K-means on the (L2-normalised) token features, K fixed
+# or K* from the ground truth (DiffCut App. F, Table 9), then DiffCut's concept assignment.
+import numpy as np  # noqa: E402
+
+from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, concept_masks  # noqa: E402
+
+
+def _parse_k(text: str, flag: str) -> int | str:
+    """``--kmeans_k``: 'gt' or a positive int."""
+    if text.strip().lower() == "gt":
+        return "gt"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be an int >= 1 or 'gt', got {text!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeansMethodConfig:
+    """The K-means method's settings.
+
+    Attributes:
+        k: the number of clusters: an int fixed across the dataset (DiffCut Table 9 uses 3 on VOC, 6 elsewhere),
+            or ``'gt'`` for K* = the number of classes present in the image's label map as the protocol scores
+            it (an oracle, DiffCut Table 9's K*). K above ``kmeans.max_clusters`` is clipped (reported in the
+            ``k_clipped`` diagnostic).
+        unlabelled_k: K for images without a label map (or with no scored pixel) when ``k='gt'``; such images
+            are only drawn, never scored.
+        seed: seed of the k-means++ initialisation; image ``i`` of the dataset uses ``fold_in(key(seed), i)``, so
+            results do not depend on batching or on resuming.
+        kmeans: the clustering's settings; ``max_clusters`` bounds K and is lowered to the token count when the
+            grid is smaller.
+    """
+
+    k: int | str = dataclasses.field(default="gt", metadata={
+        "parse": _parse_k,
+        "help": "K-means cluster count: an int fixed across the dataset (DiffCut Table 9: 3 on VOC, 6 elsewhere) "
+                "or 'gt' for K* = the classes present in each image's ground truth."})
+    unlabelled_k: int = dataclasses.field(default=6, metadata={
+        "help": "K-means K for unlabelled images when --kmeans_k=gt (they are drawn, not scored)."})
+    seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the K-means (k-means++) initialisation."})
+    kmeans: KMeansConfig = KMeansConfig()
+
+    def __post_init__(self):
+        if not (self.k == "gt" or (isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1)):
+            raise ValueError(f"kmeans_k must be an int >= 1 or 'gt' (K* from the ground truth), got {self.k!r}")
+        if isinstance(self.k, int) and self.k > self.kmeans.max_clusters:
+            raise ValueError(f"kmeans_k={self.k} exceeds kmeans.max_clusters={self.kmeans.max_clusters}; raise "
+                             "--kmeans_max_clusters.")
+        if not isinstance(self.unlabelled_k, int) or self.unlabelled_k < 1:
+            raise ValueError(f"kmeans_unlabelled_k must be an int >= 1, got {self.unlabelled_k!r}")
+        if not isinstance(self.kmeans, KMeansConfig):
+            raise TypeError(f"kmeans must be a KMeansConfig, got {type(self.kmeans).__name__}")
+
+
+class KMeansParams(NamedTuple):
+    """The K-means method's hyperparameters (a pytree: K, the fallback K and the seed are traced).
+
+    Attributes:
+        kmeans: KMeansConfig, ``max_clusters`` lowered to the token count if larger.
+        k: int32 [], the fixed K, or 0 for K* from the ground truth.
+        unlabelled_k: int32 [], K of images without ground truth when ``k == 0``.
+        seed: int32 [], seed of the k-means++ initialisation.
+    """
+
+    kmeans: KMeansConfig
+    k: jax.Array
+    unlabelled_k: jax.Array
+    seed: jax.Array
+
+
+def _spec_build(ctx: MethodContext):
+    def method(inputs: MethodInputs, p: KMeansParams):
+        bound = p.kmeans.max_clusters
+        wanted = jnp.where(p.k > 0, p.k, jnp.where(inputs.num_classes > 0, inputs.num_classes, p.unlabelled_k))
+        num = jnp.clip(wanted, 1, bound).astype(jnp.int32)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(p.seed), i))(inputs.index)
+        res = jax.vmap(kmeans_tokens, in_axes=(0, 0, 0, None))(inputs.features, num, keys, p.kmeans)
+        labels = concept_masks(inputs.features, res.labels, bound, ctx.mask_size)
+        present = jax.vmap(lambda lab: jnp.bincount(lab.ravel(), length=bound) > 0)(res.labels)
+        nonfinite = jnp.sum(~jnp.all(jnp.isfinite(inputs.features), axis=-1), axis=(1, 2)).astype(jnp.int32)
+        diag = {
+            "num_clusters": num,
+            "num_segments": jnp.sum(present, axis=1).astype(jnp.int32),
+            "k_clipped": wanted > bound,
+            "num_iters": res.num_iters,
+            "converged": res.converged,
+            "inertia": res.inertia,
+            "num_nonfinite_tokens": nonfinite,
+        }
+        return labels, diag
+
+    return method
+
+
+def _spec_params(cfg: KMeansMethodConfig, ctx: MethodContext, grid: tuple[int, int]) -> KMeansParams:
+    del ctx
+    tokens = grid[0] * grid[1]
+    if isinstance(cfg.k, int) and cfg.k > tokens:
+        raise ValueError(f"kmeans_k={cfg.k} exceeds the {grid[0]}x{grid[1]}={tokens} tokens of the feature grid")
+    k = 0 if cfg.k == "gt" else cfg.k
+    return KMeansParams(cfg.kmeans.replace(max_clusters=min(cfg.kmeans.max_clusters, tokens)), np.int32(k),
+                        np.int32(cfg.unlabelled_k), np.int32(cfg.seed))
+
+
+SPEC = MethodSpec(
+    name="kmeans",
+    title="K-means",
+    config_type=KMeansMethodConfig,
+    flag_prefix="kmeans_",
+    build=_spec_build,
+    params=_spec_params,
+    diagnostics=("num_clusters", "num_segments", "k_clipped", "num_iters", "converged", "inertia",
+                 "num_nonfinite_tokens"),
+    row_title=lambda cfg: "K-means (K*)" if cfg.k == "gt" else f"K-means (K={cfg.k})",
+    source="spark_jax/methods/kmeans.py",
+)

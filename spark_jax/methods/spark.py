@@ -267,3 +267,118 @@ def _segment_tokens_batch_jit(features: jax.Array, cfg: SparkConfig, extra: Glob
     if chunk_size is None or chunk_size >= features.shape[0]:
         return jax.vmap(_segment_tokens, in_axes=(0, None, 0))(features, cfg, extra)
     return jax.lax.map(lambda xe: _segment_tokens(xe[0], cfg, xe[1]), (features, extra), batch_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------- the method spec
+# SPARK as a method of the runner (``--method=spark``; flags ``--spark_preset`` and ``--spark_<SparkConfig
+# field>``): the features (and the taps `global_source` reads) -> `pipeline.segment_features` without PAMR (the
+# reference applies PAMR after the many-to-one background merge, which needs the ground truth, so the runner's
+# scoring runs it).
+import dataclasses  # noqa: E402
+
+from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, Variant  # noqa: E402
+from spark_jax.presets import SPARK_PRESETS, preset_for_backbone  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class SparkMethodConfig:
+    """SPARK's settings in a run.
+
+    Attributes:
+        preset: a name of :data:`spark_jax.presets.SPARK_PRESETS` (``paper``, ...), or ``auto`` for the backbone's
+            own (:data:`spark_jax.presets.BACKBONE_PRESETS`: the paper's for SSD-1B). Used when ``spark`` is None;
+            a run records the resolved name (``custom`` for settings no preset holds) and values.
+        spark: the hyperparameters; None: those of ``preset``.
+    """
+
+    preset: str = dataclasses.field(default="auto", metadata={
+        "help": "SPARK's settings: auto = the backbone's own preset (the paper's for SSD-1B; a calibrated one for "
+                "the handcrafted demo backbone); paper = the paper's. A SPARK flag given explicitly overrides the "
+                "preset's value.",
+        "choices": ("auto", *SPARK_PRESETS)})
+    spark: SparkConfig | None = None
+
+    def __post_init__(self):
+        if self.preset not in ("auto", "custom", *SPARK_PRESETS):
+            raise ValueError(f"--spark_preset must be 'auto' or one of {sorted(SPARK_PRESETS)}, got {self.preset!r}")
+        if self.preset == "custom" and self.spark is None:
+            raise ValueError("spark_preset='custom' names explicit settings: give spark=SparkConfig(...)")
+        if self.spark is not None and not isinstance(self.spark, SparkConfig):
+            raise TypeError(f"spark must be a SparkConfig or None, got {type(self.spark).__name__}")
+
+
+def resolve_spark(cfg: SparkMethodConfig | None, kind: str) -> SparkMethodConfig:
+    """SPARK's settings made concrete for a backbone of ``kind``: ``cfg.spark`` if given, else the preset
+    ``cfg.preset`` names (``auto``: the backbone kind's own); ``preset`` then names the preset used, or
+    ``custom``."""
+    cfg = SparkMethodConfig() if cfg is None else cfg
+    name = cfg.preset if cfg.preset not in ("auto", "custom") else preset_for_backbone(kind)
+    if cfg.spark is None:
+        return SparkMethodConfig(preset=name, spark=SPARK_PRESETS[name].config)
+    same = [name] if SPARK_PRESETS[name].config == cfg.spark else [
+        n for n, p in SPARK_PRESETS.items() if p.config == cfg.spark]
+    return SparkMethodConfig(preset=same[0] if same else "custom", spark=cfg.spark)
+
+
+def _spec_taps(cfg: SparkMethodConfig, backbone) -> tuple[str, ...]:
+    return (backbone.feature_tap, *source_taps(cfg.spark, backbone.feature_tap).values())
+
+
+def _spec_build(ctx: MethodContext):
+    from spark_jax.pipeline import segment_features  # the pipeline imports this module
+
+    def method(inputs: MethodInputs, pcfg):
+        extra = {name: inputs.taps[tap] for name, tap in source_taps(pcfg.spark, ctx.feature_tap).items()}
+        seg = segment_features(inputs.features, inputs.images, pcfg, **extra)
+        tok = seg.tokens
+        diag = {
+            "num_clusters": tok.num_clusters,
+            "num_segments": tok.num_segments,
+            "mcl_iterations": tok.mcl_iterations,
+            "mcl_converged": tok.mcl_converged,
+            "num_nonfinite_tokens": tok.num_nonfinite_tokens,
+        }
+        return seg.labels, diag
+
+    return method
+
+
+def _spec_params(cfg: SparkMethodConfig, ctx: MethodContext, grid: tuple[int, int]):
+    from spark_jax.pipeline import PipelineConfig  # the pipeline imports this module
+
+    del grid
+    cfg.spark.check_values()
+    return PipelineConfig(spark=cfg.spark, mask_size=(ctx.mask_size, ctx.mask_size), upsampling=ctx.upsampling,
+                          pamr=None)
+
+
+def _spec_check(cfg: SparkMethodConfig) -> None:
+    if cfg.spark is not None:
+        cfg.spark.check_values()
+
+
+def _spec_metrics(cfg: SparkMethodConfig) -> dict:
+    how = (SPARK_PRESETS[cfg.preset].how_chosen if cfg.preset in SPARK_PRESETS
+           else "explicit settings (flags or a SparkConfig)")
+    return {"spark_preset": {"name": cfg.preset, "how_chosen": how}}
+
+
+SPEC = MethodSpec(
+    name="spark",
+    title="SPARK",
+    config_type=SparkMethodConfig,
+    flag_prefix="spark_",
+    build=_spec_build,
+    params=_spec_params,
+    diagnostics=("num_clusters", "num_segments", "mcl_iterations", "mcl_converged", "num_nonfinite_tokens"),
+    taps=_spec_taps,
+    upsampling="soft_labels",
+    upsamplings=("soft_labels", "concept"),
+    resolve=resolve_spark,
+    check=_spec_check,
+    variants={"spark_global": Variant(
+        "SPARK w/ global affinity",
+        lambda cfg: dataclasses.replace(cfg, spark=cfg.spark.replace(use_local=False)))},
+    metrics=_spec_metrics,
+    source="spark_jax/config.py",
+)

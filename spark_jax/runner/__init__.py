@@ -20,7 +20,7 @@ background merge (VOC, Context, COCO-Object) -> PAMR on the merged map -> Hungar
 ``feature_cache`` stores each image's backbone features (``.npy``) keyed by backbone, its settings and the image
 id, so a hyperparameter sweep runs the backbone once.
 
-Methods (:data:`METHODS`, ``--method``): ``spark`` and the baselines it is compared with on the same features,
+Methods (:data:`spark_jax.methods.REGISTRY`, ``--method``): ``spark`` and the baselines it is compared with on the same features,
 upsampling, PAMR and scoring: ``diffcut`` (DiffCut's recursive Normalized Cut), ``autosc`` (spectral clustering
 with an eigengap cluster count, DiffCut Sec. 4.3) and ``kmeans`` (DiffCut App. F, K fixed or K* from the ground
 truth). Each method is one jitted call per batch; its time on device (excluding the backbone, compilation, PAMR
@@ -41,8 +41,10 @@ The package, one concept per module, in the order :func:`run` uses them:
 * :mod:`~spark_jax.runner.errors` — the errors, each naming the problem and the fix.
 """
 
+from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec
 from spark_jax.runner.backbones import (
     SSD1B_REPO,
+    FeaturesOnly,
     ResolvedBackbone,
     backbone_kind,
     find_cached_checkpoint,
@@ -52,15 +54,15 @@ from spark_jax.runner.benchmark import run
 from spark_jax.runner.comparison import (
     DATASET_ORDER,
     DATASET_TITLES,
-    ENTRIES,
     PUBLISHED,
     Entry,
     compare,
+    comparison_entries,
     run_dir,
     summarize,
     to_markdown,
 )
-from spark_jax.runner.config import BACKBONES, METHOD_FIELDS, ON_BAD_SAMPLE, RunConfig, resolve_spark
+from spark_jax.runner.config import BACKBONES, ON_BAD_SAMPLE, RunConfig
 from spark_jax.runner.errors import (
     BackboneNotFoundError,
     BadDataError,
@@ -68,7 +70,6 @@ from spark_jax.runner.errors import (
     NonFiniteFeaturesError,
     OutputPathError,
 )
-from spark_jax.runner.methods import METHODS, KMeansParams, MethodInputs, MethodSpec
 from spark_jax.runner.rundir import load_results
 from spark_jax.runner.scoring import classes_present
 
@@ -76,9 +77,6 @@ __all__ = [
     "BACKBONES",
     "DATASET_ORDER",
     "DATASET_TITLES",
-    "ENTRIES",
-    "METHODS",
-    "METHOD_FIELDS",
     "ON_BAD_SAMPLE",
     "PUBLISHED",
     "SSD1B_REPO",
@@ -86,7 +84,8 @@ __all__ = [
     "BadDataError",
     "CorruptRunError",
     "Entry",
-    "KMeansParams",
+    "FeaturesOnly",
+    "MethodContext",
     "MethodInputs",
     "MethodSpec",
     "NonFiniteFeaturesError",
@@ -96,10 +95,10 @@ __all__ = [
     "backbone_kind",
     "classes_present",
     "compare",
+    "comparison_entries",
     "find_cached_checkpoint",
     "load_results",
     "resolve_backbone",
-    "resolve_spark",
     "run",
     "run_dir",
     "summarize",

@@ -11,6 +11,7 @@ import numpy as np
 
 from spark_jax.backbones.diffusion import load_backbone
 from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
+from spark_jax.models.taps import UnknownTapError
 from spark_jax.runner.errors import BackboneNotFoundError
 
 if TYPE_CHECKING:
@@ -18,14 +19,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SSD1B_REPO",
+    "FeaturesOnly",
     "ResolvedBackbone",
     "as_resolved",
     "backbone_kind",
     "backbone_resolution",
     "digest",
     "find_cached_checkpoint",
+    "has_taps",
     "image_digest",
     "resolve_backbone",
+    "with_taps",
 ]
 
 SSD1B_REPO = "segmind/SSD-1B"
@@ -43,8 +47,11 @@ class ResolvedBackbone(NamedTuple):
     """A loaded feature extractor and how its features are identified.
 
     Attributes:
-        backbone: object with ``extract_features(images [B, H, W, 3] uint8) -> [B, h, w, C]`` (and optionally
-            ``extract_features_prepared``) and a ``resolution``.
+            backbone: a backbone with taps (``feature_tap``, ``tap_names()``, ``tap_grid(name)``, ``extract(images,
+            taps)`` and/or ``extract_prepared(prepared, taps)``, a ``resolution``: the diffusion and handcrafted
+            backbones), or a feature extractor with ``extract_features(images [B, H, W, 3] uint8) -> [B, h, w,
+            C]`` (and optionally ``extract_features_prepared``), which :func:`run` sees through
+            :class:`FeaturesOnly`.
         key: identifies its features in the feature cache (backbone kind, checkpoint and settings).
         description: human-readable, recorded in ``metrics.json``.
         kind: ``ssd1b`` or ``handcrafted`` (selects the default SPARK preset).
@@ -113,15 +120,69 @@ def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone:
 
 def as_resolved(cfg: RunConfig, backbone: Any | None) -> ResolvedBackbone:
     """What :func:`run`'s ``backbone`` argument stands for: None (the one ``cfg`` selects, loaded now), a
-    ResolvedBackbone, or a user's feature extractor (identified by its type and ``cfg`` attribute)."""
+    ResolvedBackbone, or a user's backbone or feature extractor (identified by its type and ``cfg`` attribute);
+    its ``backbone`` is seen through the tap contract (:func:`with_taps`)."""
     if backbone is None:
-        return resolve_backbone(cfg)
-    if isinstance(backbone, ResolvedBackbone):
-        return backbone
-    description = f"user-supplied {type(backbone).__name__}"
-    key = "user-" + digest(description + repr(getattr(backbone, "cfg", "")))
-    kind = "handcrafted" if isinstance(backbone, HandcraftedBackbone) else "user"
-    return ResolvedBackbone(backbone, key, description, kind)
+        bb = resolve_backbone(cfg)
+    elif isinstance(backbone, ResolvedBackbone):
+        bb = backbone
+    else:
+        description = f"user-supplied {type(backbone).__name__}"
+        key = "user-" + digest(description + repr(getattr(backbone, "cfg", "")))
+        kind = "handcrafted" if isinstance(backbone, HandcraftedBackbone) else "user"
+        bb = ResolvedBackbone(backbone, key, description, kind)
+    return bb._replace(backbone=with_taps(bb.backbone))
+
+
+def has_taps(backbone: Any) -> bool:
+    """Whether ``backbone`` implements the tap contract (``feature_tap`` and ``extract`` or ``extract_prepared``)."""
+    return hasattr(backbone, "feature_tap") and (hasattr(backbone, "extract") or hasattr(backbone, "extract_prepared"))
+
+
+class FeaturesOnly:
+    """A feature extractor without taps (only ``extract_features`` and maybe ``extract_features_prepared``) seen
+    as a backbone with one tap, ``'features'`` ([B, h, w, C], its output as it is).
+
+    Args:
+        inner: the feature extractor.
+    """
+
+    feature_tap = "features"
+
+    def __init__(self, inner: Any):
+        if not hasattr(inner, "extract_features"):
+            raise TypeError(f"a backbone needs extract(images, taps) or extract_features(images); "
+                            f"{type(inner).__name__} has neither")
+        self.inner = inner
+        self.resolution = backbone_resolution(inner)
+        if hasattr(inner, "extract_features_prepared"):
+            self.extract_prepared = self._extract_prepared
+
+    def tap_names(self) -> tuple[str, ...]:
+        return (self.feature_tap,)
+
+    def _check(self, taps) -> None:
+        for tap in taps:
+            if tap != self.feature_tap:
+                raise UnknownTapError(
+                    f"tap {tap!r} is not available from {type(self.inner).__name__}: a feature extractor without "
+                    f"taps (extract_features only) provides its features alone, as tap {self.feature_tap!r}. "
+                    "Taps come from backbones with extract(images, taps): the diffusion backbone "
+                    "(spark_jax.backbones.diffusion) and the handcrafted one (spark_jax.backbones.handcrafted)."
+                )
+
+    def extract(self, images, taps) -> dict[str, Any]:
+        self._check(taps)
+        return {self.feature_tap: self.inner.extract_features(images)}
+
+    def _extract_prepared(self, prepared, taps) -> dict[str, Any]:
+        self._check(taps)
+        return {self.feature_tap: self.inner.extract_features_prepared(prepared)}
+
+
+def with_taps(backbone: Any) -> Any:
+    """``backbone`` if it implements the tap contract, else its :class:`FeaturesOnly` view."""
+    return backbone if has_taps(backbone) else FeaturesOnly(backbone)
 
 
 def backbone_resolution(backbone: Any) -> int:

@@ -9,9 +9,8 @@ from typing import Any
 
 from spark_jax.data import Dataset, get_dataset
 from spark_jax.evaluation import Evaluator
-from spark_jax.presets import SPARK_PRESETS
 from spark_jax.runner.backbones import ResolvedBackbone, as_resolved, backbone_resolution, digest
-from spark_jax.runner.config import RunConfig, resolve_spark
+from spark_jax.runner.config import RunConfig
 from spark_jax.runner.loop import RunState, run_batches, verify_data
 from spark_jax.runner.metrics import clustering_time, diagnostics_mean, nonfinite_summary, progress_bar, versions
 from spark_jax.runner.rundir import atomic_write_json, open_log, open_run_dir
@@ -49,9 +48,11 @@ def run(
         cfg: the run's configuration.
         dataset: use this dataset object instead of ``get_dataset(cfg.dataset, cfg.data_dir)``.
         backbone: a :class:`ResolvedBackbone` (from :func:`resolve_backbone`, to load a checkpoint once for
-            several runs), or any feature extractor to use instead of the one ``cfg`` selects: an object with
-            ``extract_features(images [B, H, W, 3] uint8) -> [B, h, w, C]`` and a ``resolution`` (or
-            ``cfg.resolution``) attribute; ``extract_features_prepared(x [B, S, S, 3])`` is used when present.
+            several runs), or a backbone to use instead of the one ``cfg`` selects: one with taps
+            (``feature_tap``, ``tap_grid``, ``extract(images, taps)`` or ``extract_prepared(prepared, taps)``, a
+            ``resolution``), or a feature extractor with ``extract_features(images [B, H, W, 3] uint8) -> [B, h,
+            w, C]`` and a ``resolution`` (or ``cfg.resolution``) attribute (``extract_features_prepared(x [B, S, S,
+            3])`` is used when present), which provides only the features.
         on_image: called with each image id once its results are persisted.
         quiet: no progress bar.
 
@@ -61,7 +62,7 @@ def run(
     t_start = time.perf_counter()
     ds = dataset if dataset is not None else open_dataset(cfg)
     bb = as_resolved(cfg, backbone)
-    cfg = resolve_spark(cfg, bb.kind)
+    cfg = cfg.resolved(bb.kind)  # the method's config made concrete (SPARK: the backbone's preset)
     resolution = backbone_resolution(bb.backbone)
 
     # The run directory: refuses another run's folder, returns what earlier sessions finished.
@@ -106,7 +107,7 @@ def build_metrics(cfg: RunConfig, ds: Dataset, identity: dict[str, Any], state: 
         "skipped": state.skipped,
         "nonfinite_features": nonfinite_summary(records, cfg.allow_nonfinite_features),
         "per_class_iou": result["per_class_iou"],
-        "diagnostics_mean": diagnostics_mean(records),
+        "diagnostics_mean": diagnostics_mean(records, list(cfg.spec.diagnostics)),
         "clustering_seconds_per_image": clustering_time(records, cfg.batch_size),
         "config": identity,
         "versions": versions(),
@@ -117,11 +118,8 @@ def build_metrics(cfg: RunConfig, ds: Dataset, identity: dict[str, Any], state: 
             "images_per_second": num_pending / elapsed if elapsed > 0 and num_pending else None,
             "stage_seconds": state.timing,
         },
-        "spark_preset": ({"name": cfg.spark_preset,
-                          "how_chosen": SPARK_PRESETS[cfg.spark_preset].how_chosen
-                          if cfg.spark_preset in SPARK_PRESETS else "explicit settings (flags or a SparkConfig)"}
-                         if cfg.method == "spark" else None),
         "notes": [n for n in (getattr(ds, "note", ""),) if n],
         "output_dir": os.path.abspath(out),
         "overlays": os.path.abspath(os.path.join(out, "overlays")),
+        **(cfg.spec.metrics(cfg.method_config) if cfg.spec.metrics is not None else {}),
     }

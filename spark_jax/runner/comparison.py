@@ -22,13 +22,14 @@ from typing import Any
 
 from spark_jax.data import DATASETS, Dataset, DatasetNotFoundError, get_dataset
 from spark_jax.runner.backbones import ResolvedBackbone, backbone_kind, resolve_backbone
-from spark_jax.runner.config import RunConfig, resolve_spark
+from spark_jax.methods import REGISTRY, MethodSpec, method_spec
+from spark_jax.runner.config import RunConfig
 from spark_jax.runner.errors import BackboneNotFoundError
 from spark_jax.runner.rundir import load_results
 from spark_jax.runner.benchmark import run
 
-__all__ = ["DATASET_ORDER", "DATASET_TITLES", "ENTRIES", "Entry", "PUBLISHED", "compare", "run_dir", "summarize",
-           "to_markdown"]
+__all__ = ["DATASET_ORDER", "DATASET_TITLES", "Entry", "PUBLISHED", "compare", "comparison_entries", "run_dir",
+           "summarize", "to_markdown"]
 
 # Column order of the paper's tables; the demo first.
 DATASET_ORDER = ("demo", "voc", "context", "coco_object", "coco_stuff27", "cityscapes", "ade20k")
@@ -40,25 +41,30 @@ DATASET_TITLES = {
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """A row of the comparison: a runner method and the changes it makes to the shared configuration."""
+    """A row of the comparison: a registered method, and the change a variant makes to its resolved config.
 
-    title: str
+    Attributes:
+        name: the row's name (``--methods``): the method's, or its variant's.
+        method: the method's name in :data:`spark_jax.methods.REGISTRY`.
+        title: the row title for a resolved config of the method.
+        change: resolved config -> the config the row runs with.
+    """
+
+    name: str
     method: str
-    change: Callable[[RunConfig], dict[str, Any]] = lambda cfg: {}
+    title: Callable[[Any], str]
+    change: Callable[[Any], Any] = lambda config: config
 
 
-def _kmeans_title(cfg: RunConfig) -> str:
-    return "K-means (K*)" if cfg.kmeans_k == "gt" else f"K-means (K={cfg.kmeans_k})"
+def comparison_entries(registry: dict[str, MethodSpec] | None = None) -> dict[str, Entry]:
+    """The comparison's rows, in registry order: each method, then its variants (SPARK's ``spark_global``)."""
+    out: dict[str, Entry] = {}
+    for spec in (REGISTRY if registry is None else registry).values():
+        out[spec.name] = Entry(spec.name, spec.name, spec.title_for)
+        for name, variant in spec.variants.items():
+            out[name] = Entry(name, spec.name, lambda config, t=variant.title: t, variant.change)
+    return out
 
-
-ENTRIES: dict[str, Entry] = {
-    "spark": Entry("SPARK", "spark"),
-    "spark_global": Entry("SPARK w/ global affinity", "spark",
-                          lambda cfg: {"spark": cfg.spark.replace(use_local=False)}),
-    "diffcut": Entry("DiffCut (recursive NCut)", "diffcut"),
-    "autosc": Entry("AutoSC", "autosc"),
-    "kmeans": Entry("K-means", "kmeans"),
-}
 
 # Published mIoU with SSD-1B features (reference-facts section 7; DiffCut Table 2 for AutoSC and DiffCut w/o PAMR).
 PUBLISHED = {
@@ -92,27 +98,35 @@ def compare(
     datasets: Sequence[str],
     methods: Sequence[str],
     output_dir: str,
+    method_configs: dict[str, Any] | None = None,
     quiet: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Runs every method with and without PAMR on every available dataset and writes ``comparison.md``.
 
     Args:
-        base: the shared configuration (backbone, resolution, protocol, every method's hyperparameters, limit,
-            ...); ``dataset``, ``method``, ``pamr`` and ``output_dir`` are set per run. Without a
-            ``feature_cache`` it uses ``<output_dir>/features``.
+        base: the shared configuration (backbone, resolution, protocol, limit, ...); ``dataset``, ``method``,
+            ``method_config``, ``pamr`` and ``output_dir`` are set per run. Without a ``feature_cache`` it uses
+            ``<output_dir>/features``.
         datasets: registry names; the demo always exists, real ones are read from ``base.data_dir``.
-        methods: keys of :data:`ENTRIES`.
+        methods: row names of :func:`comparison_entries` (methods and variants).
         output_dir: folder of the runs and of ``comparison.md`` / ``comparison.json``.
+        method_configs: ``{method name: config or None}``, each method's configuration (None or absent: its
+            default; SPARK: the backbone's preset); ``base.method_config`` counts for ``base.method``.
         quiet: no progress bars.
         log: where notes and per-run summaries go.
 
     Returns:
         The contents of ``comparison.json``.
     """
-    unknown = sorted(set(methods) - set(ENTRIES))
+    entries = comparison_entries()
+    unknown = sorted(set(methods) - set(entries))
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose among {', '.join(ENTRIES)}")
+        raise ValueError(f"unknown methods {unknown}; choose among {', '.join(entries)}")
+    configs = {base.method: base.method_config, **(method_configs or {})}
+    for name, config in configs.items():
+        if config is not None:
+            method_spec(name).validate(config)  # a wrong config type or value is named before any run
     unknown = sorted(set(datasets) - set(DATASETS))
     if unknown:
         raise ValueError(f"unknown datasets {unknown}; choose among {', '.join(DATASET_ORDER)}")
@@ -120,30 +134,39 @@ def compare(
     loaded: dict[str, ResolvedBackbone] = {}
     notes: list[str] = []
     runs: dict[str, dict[str, dict[str, str]]] = {}  # dataset -> method -> {"pamr"|"nopamr": metrics path}
+    titles: dict[str, str] = {}  # row -> its title
     for name in sorted(datasets, key=lambda d: DATASET_ORDER.index(d) if d in DATASET_ORDER else len(DATASET_ORDER)):
         cfg = dataclasses.replace(base, dataset=name)
         try:
             ds = _dataset(cfg)
             backbone = _backbone(cfg, loaded)
-            cfg = resolve_spark(cfg, backbone.kind)  # the backbone's SPARK preset, unless settings are given
         except (DatasetNotFoundError, BackboneNotFoundError) as err:
             note = f"skipped {name}: {_first_line(err)}"
             notes.append(note)
             log(f"note: {note}")
             continue
         for method in methods:
-            entry = ENTRIES[method]
+            entry = entries[method]
+            # The method's config for this backbone (SPARK: its preset unless settings are given), then the row's.
+            spec = REGISTRY[entry.method]
+            config = entry.change(spec.resolve_config(configs.get(entry.method), backbone.kind))
+            titles[method] = entry.title(config)
             for pamr in (True, False):
                 out = run_dir(output_dir, name, method, pamr)
-                rcfg = dataclasses.replace(cfg, method=entry.method, pamr=pamr, output_dir=out, upsampling=None)
-                rcfg = dataclasses.replace(rcfg, **entry.change(rcfg))
+                rcfg = dataclasses.replace(cfg, method=entry.method, method_config=config, pamr=pamr,
+                                           output_dir=out, upsampling=None)
                 m = run(rcfg, dataset=ds, backbone=backbone, quiet=quiet)
                 t = m["clustering_seconds_per_image"]
                 log(f"{name} / {method} / PAMR {'on ' if pamr else 'off'}: mIoU {100 * m['miou']:5.1f}  "
                     f"clustering {1e3 * (t['median'] or math.nan):7.1f} ms/image (median)  [{out}]")
                 runs.setdefault(name, {}).setdefault(method, {})["pamr" if pamr else "nopamr"] = os.path.join(
                     out, "metrics.json")
-    summary = summarize(runs, methods, base, notes)
+    for method in methods:  # rows never run (no dataset available) keep the title of the default config
+        if method not in titles:
+            entry = entries[method]
+            titles[method] = entry.title(entry.change(REGISTRY[entry.method].resolve_config(
+                configs.get(entry.method), "user")))
+    summary = summarize(runs, methods, titles, base.protocol, notes)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "comparison.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, allow_nan=True)
@@ -164,16 +187,15 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().split("\n")[0]
 
 
-def summarize(runs: dict[str, dict[str, dict[str, str]]], methods: Sequence[str], base: RunConfig,
-              notes: list[str]) -> dict[str, Any]:
-    """Reads the runs' metrics.json files into the numbers of the tables."""
+def summarize(runs: dict[str, dict[str, dict[str, str]]], methods: Sequence[str], titles: dict[str, str],
+              protocol: str, notes: list[str]) -> dict[str, Any]:
+    """Reads the runs' metrics.json files (``runs``: dataset -> row -> {"pamr"|"nopamr": path}) into the numbers
+    of the tables; ``titles``: each row's title."""
     datasets = list(runs)
     rows = []
     backbones = set()
     for method in methods:
-        row: dict[str, Any] = {"method": method, "title": ENTRIES[method].title, "datasets": {}}
-        if method == "kmeans":
-            row["title"] = _kmeans_title(base)
+        row: dict[str, Any] = {"method": method, "title": titles[method], "datasets": {}}
         for name in datasets:
             paths = runs[name].get(method)
             if not paths:
@@ -201,7 +223,7 @@ def summarize(runs: dict[str, dict[str, dict[str, str]]], methods: Sequence[str]
             cell["clustering_median_s"] = statistics.median(times) if times else None
             row["datasets"][name] = cell
         rows.append(row)
-    return {"datasets": datasets, "rows": rows, "backbones": sorted(backbones), "protocol": base.protocol,
+    return {"datasets": datasets, "rows": rows, "backbones": sorted(backbones), "protocol": protocol,
             "notes": notes}
 
 

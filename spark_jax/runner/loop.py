@@ -18,8 +18,8 @@ from spark_jax.evaluation import Evaluator
 from spark_jax.runner.backbones import ResolvedBackbone
 from spark_jax.runner.config import RunConfig
 from spark_jax.runner.errors import bad_data_error, nonfinite_error
-from spark_jax.runner.features import batch_features
-from spark_jax.runner.methods import METHODS, MethodInputs, jitted_method
+from spark_jax.methods.registry import MethodContext, MethodInputs, jitted_method
+from spark_jax.runner.features import batch_taps, feature_map, token_grid
 from spark_jax.runner.outputs import resize_image, write_image_outputs
 from spark_jax.runner.rundir import append_record
 from spark_jax.runner.scoring import classes_present, pamr_refiner, score_image
@@ -98,32 +98,52 @@ def _pad(x: jax.Array, pad: int) -> jax.Array:
 
 
 class MethodCaller:
-    """The run's method, compiled ahead of time once per input signature (one in practice: batches are padded
-    to the batch size), and timed on device."""
+    """The run's method (``cfg.method``'s spec, built for the run's mask size, upsampling and feature tap),
+    compiled ahead of time once per input signature (one in practice: batches are padded to the batch size), and
+    timed on device."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.spec = METHODS[cfg.method]
-        self.jitted = jitted_method(cfg.method, cfg.mask_size, cfg.resolved_upsampling)
+    def __init__(self, cfg: RunConfig, feature_tap: str):
+        self.cfg, self.spec = cfg, cfg.spec
+        self.ctx = MethodContext(cfg.mask_size, cfg.resolved_upsampling, feature_tap)
+        self.jitted = jitted_method(cfg.method, self.ctx)
         self.executables: dict[Any, Any] = {}
 
-    def __call__(self, feats: jax.Array, batch: Batch, state: RunState) -> tuple[np.ndarray, dict, float]:
+    def _check_outputs(self, labels, diag, batch_size: int) -> None:
+        """A registered method's outputs must be what its spec declares (named, once per compilation)."""
+        want = (batch_size, self.cfg.mask_size, self.cfg.mask_size)
+        if tuple(labels.shape) != want or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"method {self.spec.name!r} returned labels {labels.dtype} {tuple(labels.shape)}; it "
+                             f"must return integer labels of shape {want} (batch, mask size, mask size)")
+        if set(diag) != set(self.spec.diagnostics):
+            raise ValueError(f"method {self.spec.name!r} returned diagnostics {sorted(diag)}, its spec declares "
+                             f"{sorted(self.spec.diagnostics)}")
+        bad = [k for k, v in diag.items() if tuple(v.shape) != (batch_size,)]
+        if bad:
+            raise ValueError(f"method {self.spec.name!r}: diagnostics {bad} are not one value per image "
+                             f"(shape ({batch_size},))")
+
+    def __call__(self, feats: jax.Array, taps: dict[str, jax.Array], batch: Batch,
+                 state: RunState) -> tuple[np.ndarray, dict, float]:
         """Labels [n, m, m], diagnostics {name: [n]} of the batch's n images, and the per-image seconds."""
         pad = self.cfg.batch_size - feats.shape[0]
         inputs = MethodInputs(
             features=_pad(feats, pad),
+            taps={k: _pad(v, pad) for k, v in taps.items()},
             images=_pad(batch.prepared, pad),
             num_classes=_pad(jnp.asarray(batch.num_classes, jnp.int32), pad),
             index=_pad(jnp.asarray(batch.indices, jnp.int32), pad),
         )
         inputs = jax.block_until_ready(inputs)
-        params = self.spec.params(self.cfg, tuple(feats.shape[1:3]))
-        signature = (tuple((a.shape, str(a.dtype)) for a in inputs), jax.tree_util.tree_structure(params))
+        params = self.spec.params(self.cfg.method_config, self.ctx, tuple(feats.shape[1:3]))
+        leaves, structure = jax.tree_util.tree_flatten(inputs)
+        signature = (structure, tuple((a.shape, str(a.dtype)) for a in leaves),
+                     jax.tree_util.tree_structure(params))
         if signature not in self.executables:
             t = time.perf_counter()
             self.executables[signature] = self.jitted.lower(inputs, params).compile()
             # One untimed warm-up call: the first execution also pays one-off allocations.
-            jax.block_until_ready(self.executables[signature](inputs, params))
+            self._check_outputs(*jax.block_until_ready(self.executables[signature](inputs, params)),
+                                self.cfg.batch_size)
             state.timing["compile"] += time.perf_counter() - t
         # The clustering time: the jitted method alone, on device, waited for (no backbone, compilation, PAMR or
         # scoring). Every slot of the padded batch is computed, so a slot's share is the per-image time.
@@ -139,7 +159,13 @@ def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
                 state: RunState, log, *, on_image: Callable[[str], None] | None, progress) -> None:
     """Evaluates the ``pending`` images batch by batch, appending each finished image to ``state`` and to the
     resume log ``log`` once its files are written."""
-    method = MethodCaller(cfg)
+    backbone = bb.backbone
+    feature_tap = backbone.feature_tap
+    taps = tuple(dict.fromkeys(cfg.spec.taps(cfg.method_config, backbone)))  # in order, without repeats
+    if feature_tap not in taps:
+        taps = (feature_tap, *taps)  # MethodInputs.features is always there
+    grid = token_grid(backbone, feature_tap)
+    method = MethodCaller(cfg, feature_tap)
     space = ds.label_space
     for start in range(0, len(pending), cfg.batch_size):
         t = time.perf_counter()
@@ -149,7 +175,9 @@ def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
         state.timing["load"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        feats = batch_features(bb.backbone, bb.key, cfg.feature_cache, cfg.dataset, batch.samples, batch.prepared)
+        values = batch_taps(backbone, bb.key, cfg.feature_cache, cfg.dataset, resolution, batch.samples,
+                            batch.prepared, taps)
+        feats = feature_map(values[feature_tap], grid, feature_tap)
         # One small reduction per batch (the method syncs on its outputs anyway).
         nonfinite = np.asarray(jnp.sum(~jnp.all(jnp.isfinite(feats), axis=-1), axis=(1, 2)))
         state.timing["backbone"] += time.perf_counter() - t
@@ -157,7 +185,7 @@ def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
             found = [(s.image_id, int(n)) for s, n in zip(batch.samples, nonfinite) if n]
             raise nonfinite_error(found, feats.shape[1] * feats.shape[2], bb.description)
 
-        labels, diag, per_image_seconds = method(feats, batch, state)
+        labels, diag, per_image_seconds = method(feats, values, batch, state)
         small = resize_image(batch.prepared, cfg.mask_size, cfg.mask_size)
 
         for j, (i, s) in enumerate(zip(batch.indices, batch.samples)):
