@@ -78,7 +78,10 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["512", "1024"], "Image sides (the resolution the images are resized to).")
-flags.DEFINE_list("paths", ["reference", "truncated", "jax"], "Which extraction paths to time.")
+flags.DEFINE_list("paths", ["reference", "truncated", "jax"], "Which extraction paths to time (add jax_baseline "
+                  "with --baseline_checkout to time an earlier revision of spark_jax in the same rounds).")
+flags.DEFINE_string("baseline_checkout", None, "A checkout of spark_jax before the whole-UNet port (e.g. "
+                    "`git worktree add /tmp/base 2a42855`): the jax_baseline path imports spark_jax from there.")
 flags.DEFINE_integer("batch", 1, "Images per call.")
 flags.DEFINE_integer("repeats", 3, "Timed rounds after the warm-up call (each round calls every path once).")
 flags.DEFINE_string("workdir", "/tmp/spark_jax_bench", "Where the random-weight checkpoint and cache live.")
@@ -223,8 +226,42 @@ def _jax_extractor(root: Path, size: int):
     import jax.numpy as jnp
 
     from spark_jax.backbones.diffusion import Backbone, BackboneConfig, Conditioning
-    from spark_jax.models.convert import load_unet_encoder, load_vae_encoder
+    from spark_jax.models.convert import load_unet, load_vae_encoder
     from spark_jax.backbones.conditioning import load_alphas_cumprod, shared_noise
+
+    cfg = BackboneConfig(resolution=size, cache_dir=str(root / "cache"))
+    t0 = time.perf_counter()
+    unet, unet_cfg = load_unet(root, cache_dir=cfg.cache_dir)
+    vae, vae_cfg = load_vae_encoder(root, cache_dir=cfg.cache_dir)
+    load_s = time.perf_counter() - t0
+    ctx, pooled, ids = (jnp.asarray(a) for a in _conditioning(size))
+    cond = Conditioning(
+        noise=shared_noise(SEED, (size // 8, size // 8, 4)),
+        alpha_bar=jnp.asarray(load_alphas_cumprod(root)[TIMESTEP], jnp.float32),
+        encoder_hidden_states=ctx, text_embeds=pooled, time_ids=ids,
+    )
+    backbone = Backbone(unet, vae, cond, cfg, unet_cfg, vae_cfg)
+    taps = (backbone.feature_tap,)  # SPARK's default request, as the runner makes it
+
+    def extract(images):
+        return jax.block_until_ready(backbone.extract(images, taps)[taps[0]])
+
+    return extract, load_s
+
+
+def _jax_baseline_extractor(root: Path, size: int, checkout: str):
+    """The extractor of a revision before the whole-UNet port (flat layout: spark_jax.backbone, .checkpoint, with
+    the UNet encoder truncated at the feature point), imported from ``checkout``."""
+    sys.path.insert(0, checkout)
+    import jax
+    import jax.numpy as jnp
+    import spark_jax
+
+    if not Path(spark_jax.__file__).resolve().is_relative_to(Path(checkout).resolve()):
+        raise RuntimeError(f"jax_baseline imported spark_jax from {spark_jax.__file__}, not from {checkout}")
+    from spark_jax.backbone import Backbone, BackboneConfig, Conditioning
+    from spark_jax.checkpoint import load_unet_encoder, load_vae_encoder
+    from spark_jax.conditioning import load_alphas_cumprod, shared_noise
 
     cfg = BackboneConfig(resolution=size, cache_dir=str(root / "cache"))
     t0 = time.perf_counter()
@@ -245,12 +282,14 @@ def _jax_extractor(root: Path, size: int):
     return extract, load_s
 
 
-def _worker(path: str, size: int, batch: int, root: str, conn) -> None:
+def _worker(path: str, size: int, batch: int, root: str, conn, baseline_checkout: str | None = None) -> None:
     """One extraction path in its own process, driven by commands from the parent over `conn`."""
     root = Path(root)
     t0 = time.perf_counter()
     if path == "jax":
         extract, load_s = _jax_extractor(root, size)
+    elif path == "jax_baseline":
+        extract, load_s = _jax_baseline_extractor(root, size, baseline_checkout)
     else:
         extract = _torch_extractor(root, size, truncated=path == "truncated")
         load_s = time.perf_counter() - t0
@@ -271,7 +310,8 @@ def _worker(path: str, size: int, batch: int, root: str, conn) -> None:
             return
 
 
-def run(sizes: list[int], paths: list[str], batch: int, repeats: int, workdir: Path) -> list[dict]:
+def run(sizes: list[int], paths: list[str], batch: int, repeats: int, workdir: Path,
+        baseline_checkout: str | None = None) -> list[dict]:
     """Times every path at every size, interleaved, and prints a table of times and ratios.
 
     Each path lives in its own process (so peak memory is per path). They load and warm up one
@@ -287,7 +327,7 @@ def run(sizes: list[int], paths: list[str], batch: int, repeats: int, workdir: P
         for path in paths:
             log(f"{path} at {size} px (batch {batch}): loading and warming up ...")
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(path, size, batch, str(workdir), child))
+            proc = ctx.Process(target=_worker, args=(path, size, batch, str(workdir), child, baseline_checkout))
             proc.start()
             info = _receive(path, proc, parent, timeout=3600)  # loading
             parent.send("call")  # warm-up (for JAX: compilation included)
@@ -322,13 +362,16 @@ def run(sizes: list[int], paths: list[str], batch: int, repeats: int, workdir: P
     for size in sizes:
         rows = {r["path"]: r for r in results if r["size"] == size}
         if "jax" in rows:
-            for path, target in (("truncated", 1.0), ("reference", 2.0)):
+            for path, target in (("truncated", 1.0), ("reference", 2.0), ("jax_baseline", None)):
                 if path in rows:
                     per_round = _per_round(rows[path], rows["jax"])
                     ratio = statistics.median(per_round)
-                    verdict = "met" if ratio >= target else "NOT met"
+                    if target is None:  # the earlier revision: the same work, so the same cost up to drift
+                        verdict = "the cost of the feature tap against the earlier truncated encoder"
+                    else:
+                        verdict = f"target >= {target:.1f}: " + ("met" if ratio >= target else "NOT met")
                     print(f"{size} px: {path} / jax = {ratio:.2f} (median of rounds "
-                          f"{', '.join(f'{x:.2f}' for x in per_round)}; target >= {target:.1f}: {verdict})")
+                          f"{', '.join(f'{x:.2f}' for x in per_round)}; {verdict})")
     return results
 
 
@@ -356,7 +399,12 @@ def _receive(path: str, proc, conn, timeout: float | None = None):
 def main(argv):
     del argv
     sizes = [int(s) for s in FLAGS.sizes]
-    run(sizes, FLAGS.paths, FLAGS.batch, FLAGS.repeats, Path(FLAGS.workdir))
+    unknown = sorted(set(FLAGS.paths) - {"reference", "truncated", "jax", "jax_baseline"})
+    if unknown:
+        raise app.UsageError(f"unknown --paths {unknown}; choose among reference, truncated, jax, jax_baseline")
+    if "jax_baseline" in FLAGS.paths and not FLAGS.baseline_checkout:
+        raise app.UsageError("--paths=jax_baseline needs --baseline_checkout=<a checkout of the earlier revision>")
+    run(sizes, FLAGS.paths, FLAGS.batch, FLAGS.repeats, Path(FLAGS.workdir), FLAGS.baseline_checkout)
 
 
 if __name__ == "__main__":

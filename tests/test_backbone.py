@@ -150,3 +150,52 @@ def test_backbone_config_rejects_bad_values(sdxl_root, tmp_path):
         BackboneConfig(noise_source="numpy")
     with pytest.raises(ValueError, match="multiple of 32"):
         load_backbone(sdxl_root, BackboneConfig(resolution=100, cache_dir=str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------------------------ taps
+def test_extract_of_the_feature_tap_is_extract_features(backbone, images):
+    tap = backbone.feature_tap
+    assert tap.endswith(".attn1:output") and tap in backbone.tap_names()
+    out = backbone.extract(images, (tap,))
+    assert list(out) == [tap]
+    h, w = backbone.tap_grid(tap)
+    feats = np.asarray(backbone.extract_features(images))
+    assert feats.shape[1:3] == (h, w)
+    np.testing.assert_allclose(np.asarray(out[tap]).reshape(feats.shape), feats, atol=1e-6)
+
+
+def test_extract_prepared_returns_every_requested_tap_in_its_layout(backbone, images):
+    from spark_jax.data.preprocess import prepare_image
+
+    attn = backbone.feature_tap.rsplit(":", 1)[0]
+    taps = (backbone.feature_tap, f"{attn}:probs_mean", f"{attn}:q", "mid_block:output", "conv_out:output")
+    prepared = prepare_image(jnp.asarray(images), RES)
+    out = backbone.extract_prepared(prepared, taps)
+    assert set(out) == set(taps)
+    h, w = backbone.tap_grid(backbone.feature_tap)
+    n, c = h * w, backbone.feature_shape[-1]
+    chex.assert_shape(out[backbone.feature_tap], (2, n, c))
+    chex.assert_shape(out[f"{attn}:probs_mean"], (2, n, n))
+    np.testing.assert_allclose(np.asarray(out[f"{attn}:probs_mean"]).sum(-1), 1.0, atol=1e-5)
+    assert out[f"{attn}:q"].ndim == 4 and out[f"{attn}:q"].shape[2] == n
+    side = RES // 8
+    chex.assert_shape(out["conv_out:output"], (2, side, side, 4))
+    assert out["mid_block:output"].shape[1:3] == backbone.tap_grid("mid_block:output")
+    # The same tap, alone or with others: the same values (the forward runs to the last one either way).
+    alone = backbone.extract_prepared(prepared, (backbone.feature_tap,))[backbone.feature_tap]
+    np.testing.assert_allclose(np.asarray(alone), np.asarray(out[backbone.feature_tap]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out[backbone.feature_tap]),
+                               np.asarray(backbone.extract(images, (backbone.feature_tap,))[backbone.feature_tap]),
+                               atol=1e-6)
+
+
+def test_unknown_taps_are_named_with_the_closest_valid_ones(backbone, images):
+    from spark_jax.models.taps import UnknownTapError
+
+    with pytest.raises(UnknownTapError, match=r"tokens\.attn1:output.*handcrafted demo backbone") as info:
+        backbone.extract(images, ("tokens.attn1:output",))
+    assert backbone.feature_tap in str(info.value)
+    typo = backbone.feature_tap.replace("attn1", "attn3")
+    with pytest.raises(UnknownTapError, match="closest valid names") as info:
+        backbone.tap_grid(typo)
+    assert backbone.feature_tap in str(info.value)

@@ -158,3 +158,23 @@ def test_unknown_source_is_named():
 def test_source_is_static_and_numeric_leaves_stay_traced():
     leaves, treedef = jax.tree_util.tree_flatten(SparkConfig(global_source="attention"))
     assert "attention" in str(treedef) and len(leaves) == len(jax.tree_util.tree_leaves(SparkConfig()))
+
+
+def test_segment_reads_the_sources_taps_from_the_backbone():
+    # segment() asks the backbone for the feature tap and, from the same attention, what the source needs.
+    from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
+    from spark_jax.data.preprocess import prepare_image
+    from spark_jax.pipeline import segment
+
+    backbone = HandcraftedBackbone(HandcraftedConfig(resolution=64, patch=8))
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
+    prepared = prepare_image(jnp.asarray(images), 64)
+    for source, inputs in (("attention", {"attention": "tokens.attn1:probs_mean"}),
+                           ("qk_cosine", {"queries": "tokens.attn1:q", "keys": "tokens.attn1:k"})):
+        pcfg = PipelineConfig(spark=SparkConfig(global_source=source, beta=0.8, inflation=1.8), mask_size=(32, 32),
+                              pamr=None)
+        taps = backbone.extract_prepared(prepared, tuple(inputs.values()))
+        want = segment_features(backbone.extract_features_prepared(prepared), prepared, pcfg,
+                                **{name: taps[tap] for name, tap in inputs.items()})
+        got = segment(images, backbone, pcfg)
+        np.testing.assert_array_equal(np.asarray(got.labels), np.asarray(want.labels))

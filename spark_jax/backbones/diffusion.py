@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -32,7 +33,7 @@ from spark_jax.backbones.checkpoint import (
     check_pipeline_files,
     resolve_pretrained,
 )
-from spark_jax.models.convert import load_unet_encoder, load_vae_encoder, unet_encoder_config, vae_encoder_config
+from spark_jax.models.convert import load_unet, load_vae_encoder, unet_config, vae_encoder_config
 from spark_jax.backbones.conditioning import (
     add_noise,
     load_alphas_cumprod,
@@ -41,7 +42,8 @@ from spark_jax.backbones.conditioning import (
     sdxl_time_ids,
     shared_noise,
 )
-from spark_jax.models.unet_encoder import UNetEncoder, UNetEncoderConfig
+from spark_jax.models.taps import UnknownTapError, check_taps
+from spark_jax.models.unet import UNet2DConditionModel, UNetConfig
 from spark_jax.models.vae_encoder import VAEEncoder, VAEEncoderConfig
 from spark_jax.data.preprocess import prepare_image
 
@@ -197,7 +199,7 @@ def preprocess_images(images: jax.Array, *, resolution: int) -> jax.Array:
 
 
 def extract_features(
-    unet: UNetEncoder,
+    unet: UNet2DConditionModel,
     vae: VAEEncoder,
     images: jax.Array,
     cond: Conditioning,
@@ -230,7 +232,7 @@ def extract_features(
 
 
 def encode_prepared(
-    unet: UNetEncoder,
+    unet: UNet2DConditionModel,
     vae: VAEEncoder,
     prepared: jax.Array,
     cond: Conditioning,
@@ -253,8 +255,48 @@ def encode_prepared(
         return latent_features(unet, latents, cond, timestep=timestep, unet_dtype=unet_dtype, matmul_precision=None)
 
 
+def latent_taps(
+    unet: UNet2DConditionModel,
+    latents: jax.Array,
+    cond: Conditioning,
+    *,
+    taps: Sequence[str],
+    timestep: int,
+    unet_dtype: jnp.dtype = jnp.float32,
+    matmul_precision: str | None = "highest",
+) -> dict[str, jax.Array]:
+    """UNet stage (pure): noise the latents at ``timestep`` and run the UNet to its last requested tap.
+
+    Args:
+      latents: [B, h, w, c] float32 scaled VAE posterior means.
+      taps: tap names (``spark_jax.models.taps``; ``unet.config.tap_names()`` lists them).
+      (the rest as in ``extract_features``)
+
+    Returns:
+      ``{tap: array}`` in the taps' documented layouts, floating taps as float32.
+    """
+    with precision_context(matmul_precision):
+        return _latent_taps(unet, latents, cond, taps=tuple(taps), timestep=timestep, unet_dtype=unet_dtype)
+
+
+def _latent_taps(
+    unet: UNet2DConditionModel, latents: jax.Array, cond: Conditioning, *, taps: tuple[str, ...], timestep: int,
+    unet_dtype: jnp.dtype,
+) -> dict[str, jax.Array]:
+    noisy = add_noise(latents, cond.noise, cond.alpha_bar)
+    b = latents.shape[0]
+    context = jnp.broadcast_to(cond.encoder_hidden_states, (b, *cond.encoder_hidden_states.shape))
+    text_embeds = None if cond.text_embeds is None else jnp.broadcast_to(cond.text_embeds, (b, *cond.text_embeds.shape))
+    time_ids = None if cond.time_ids is None else jnp.broadcast_to(cond.time_ids, (b, *cond.time_ids.shape))
+    out = unet(
+        noisy.astype(unet_dtype), jnp.asarray(timestep), context.astype(unet_dtype),
+        None if text_embeds is None else text_embeds.astype(unet_dtype), time_ids, taps=taps,
+    )
+    return {name: value.astype(jnp.float32) for name, value in out.items()}
+
+
 def latent_features(
-    unet: UNetEncoder,
+    unet: UNet2DConditionModel,
     latents: jax.Array,
     cond: Conditioning,
     *,
@@ -276,18 +318,12 @@ def latent_features(
 
 
 def _latent_features(
-    unet: UNetEncoder, latents: jax.Array, cond: Conditioning, *, timestep: int, unet_dtype: jnp.dtype
+    unet: UNet2DConditionModel, latents: jax.Array, cond: Conditioning, *, timestep: int, unet_dtype: jnp.dtype
 ) -> jax.Array:
-    noisy = add_noise(latents, cond.noise, cond.alpha_bar)
-    b = latents.shape[0]
-    context = jnp.broadcast_to(cond.encoder_hidden_states, (b, *cond.encoder_hidden_states.shape))
-    text_embeds = None if cond.text_embeds is None else jnp.broadcast_to(cond.text_embeds, (b, *cond.text_embeds.shape))
-    time_ids = None if cond.time_ids is None else jnp.broadcast_to(cond.time_ids, (b, *cond.time_ids.shape))
-    feats = unet(
-        noisy.astype(unet_dtype), jnp.asarray(timestep), context.astype(unet_dtype),
-        None if text_embeds is None else text_embeds.astype(unet_dtype), time_ids,
-    )
-    return feats.astype(jnp.float32)
+    tap = unet.config.feature_tap
+    feats = _latent_taps(unet, latents, cond, taps=(tap,), timestep=timestep, unet_dtype=unet_dtype)[tap]
+    h, w = unet.config.tap_grid(tap, latents.shape[1:3])
+    return feats.reshape(latents.shape[0], h, w, -1)
 
 
 # XLA:CPU hands dots and convolutions to its YNNPACK library fusions by default. On this project's
@@ -308,11 +344,11 @@ class Backbone:
 
     def __init__(
         self,
-        unet: UNetEncoder,
+        unet: UNet2DConditionModel,
         vae: VAEEncoder,
         cond: Conditioning,
         cfg: BackboneConfig,
-        unet_config: UNetEncoderConfig,
+        unet_config: UNetConfig,
         vae_config: VAEEncoderConfig,
     ):
         self.cfg = cfg
@@ -324,6 +360,9 @@ class Backbone:
         options = _CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
         self._jitted = jax.jit(self._run, compiler_options=options)
         self._jitted_prepared = jax.jit(self._run_prepared, compiler_options=options)
+        # One program per tap set (static): the UNet stops after the last requested tap.
+        self._jitted_taps = jax.jit(self._run_taps, static_argnames=("taps", "prepared_input"),
+                                    compiler_options=options)
 
     @property
     def resolution(self) -> int:
@@ -350,19 +389,92 @@ class Backbone:
             matmul_precision=self.cfg.matmul_precision,
         )
 
-    def extract_features(self, images: jax.Array | np.ndarray) -> jax.Array:
-        """images: [B, H, W, 3] uint8 or float in [0, 1] -> [B, h, w, C] float32 features."""
-        return self._jitted(self.unet_params, self.vae_params, self.cond, jnp.asarray(images))
+    def _run_taps(self, unet_params, vae_params, cond: Conditioning, x: jax.Array, *, taps: tuple[str, ...],
+                  prepared_input: bool) -> dict[str, jax.Array]:
+        vae = nnx.merge(self._vae_graph, vae_params)
+        with precision_context(self.cfg.matmul_precision):
+            if prepared_input:
+                latents = vae(2.0 * x.astype(jnp.float32) - 1.0)
+            else:
+                latents = vae(preprocess_images(x, resolution=self.cfg.resolution))
+            return _latent_taps(nnx.merge(self._unet_graph, unet_params), latents, cond, taps=taps,
+                                timestep=self.cfg.timestep, unet_dtype=_DTYPES[self.cfg.unet_dtype])
 
-    def extract_features_prepared(self, prepared: jax.Array | np.ndarray) -> jax.Array:
-        """[B, S, S, 3] float in [0, 1] from ``prepare_image(image, self.resolution)`` -> [B, h, w, C]."""
-        prepared = jnp.asarray(prepared)
+    def _check_prepared(self, prepared: jax.Array) -> None:
         if prepared.ndim != 4 or prepared.shape[1:] != (self.resolution, self.resolution, 3):
             raise ValueError(
                 f"prepared images must be [B, {self.resolution}, {self.resolution}, 3] from "
                 f"preprocess.prepare_image(image, {self.resolution}), got shape {tuple(prepared.shape)}"
             )
+
+    def extract_features(self, images: jax.Array | np.ndarray) -> jax.Array:
+        """images: [B, H, W, 3] uint8 or float in [0, 1] -> [B, h, w, C] float32 features (the feature tap)."""
+        return self._jitted(self.unet_params, self.vae_params, self.cond, jnp.asarray(images))
+
+    def extract_features_prepared(self, prepared: jax.Array | np.ndarray) -> jax.Array:
+        """[B, S, S, 3] float in [0, 1] from ``prepare_image(image, self.resolution)`` -> [B, h, w, C]."""
+        prepared = jnp.asarray(prepared)
+        self._check_prepared(prepared)
         return self._jitted_prepared(self.unet_params, self.vae_params, self.cond, prepared)
+
+    # ---------------------------------------------------------------------------------- taps
+    @property
+    def feature_tap(self) -> str:
+        """SPARK's and DiffCut's feature point, e.g. ``down_blocks.2.attentions.1.transformer_blocks.3.attn1:output``."""
+        return self.unet_config.feature_tap
+
+    def tap_names(self) -> tuple[str, ...]:
+        """Every tap of the UNet, in forward order (``spark_jax.models.taps`` documents names and shapes)."""
+        return self.unet_config.tap_names()
+
+    def _check_taps(self, taps: Sequence[str]) -> tuple[str, ...]:
+        from spark_jax.backbones.handcrafted import TAP_NAMES as HANDCRAFTED_TAPS
+
+        if not isinstance(taps, str):
+            for name in taps:
+                if name in HANDCRAFTED_TAPS:
+                    raise UnknownTapError(
+                        f"tap {name!r} is the handcrafted demo backbone's (HandcraftedBackbone), not a tap of this "
+                        f"UNet; its counterpart here is {self.feature_tap.rsplit(':', 1)[0]}:"
+                        f"{name.rsplit(':', 1)[1]} (backbone.feature_tap is {self.feature_tap!r})"
+                    )
+        return check_taps(taps, self.tap_names())
+
+    @property
+    def latent_grid(self) -> tuple[int, int]:
+        side = self.cfg.resolution // self.vae_config.downscale
+        return side, side
+
+    def tap_grid(self, name: str) -> tuple[int, int]:
+        """(h, w) token grid of a tap at this backbone's resolution (raises UnknownTapError for a bad name)."""
+        self._check_taps((name,))
+        return self.unet_config.tap_grid(name, self.latent_grid)
+
+    def extract(self, images: jax.Array | np.ndarray, taps: Sequence[str]) -> dict[str, jax.Array]:
+        """Named intermediates of the UNet for raw images, one jitted forward that stops after the last of them.
+
+        Args:
+          images: [B, H, W, 3] uint8 or float in [0, 1], as ``extract_features`` takes them.
+          taps: tap names, e.g. ``(backbone.feature_tap, "up_blocks.1:output")``.
+
+        Returns:
+          ``{tap: float32 array}``: attention outputs [B, N, C], q/k/v [B, heads, N, d], probs [B, heads, N, M],
+          probs_mean [B, N, M], block outputs [B, h, w, C] (``spark_jax.models.taps``).
+
+        Raises:
+          UnknownTapError: a name that is not a tap of this UNet, with the closest valid names.
+        """
+        names = self._check_taps(taps)
+        return self._jitted_taps(self.unet_params, self.vae_params, self.cond, jnp.asarray(images), taps=names,
+                                 prepared_input=False)
+
+    def extract_prepared(self, prepared: jax.Array | np.ndarray, taps: Sequence[str]) -> dict[str, jax.Array]:
+        """As ``extract`` for [B, S, S, 3] float images in [0, 1] from ``prepare_image(image, self.resolution)``."""
+        names = self._check_taps(taps)
+        prepared = jnp.asarray(prepared)
+        self._check_prepared(prepared)
+        return self._jitted_taps(self.unet_params, self.vae_params, self.cond, prepared, taps=names,
+                                 prepared_input=True)
 
     __call__ = extract_features
 
@@ -380,7 +492,7 @@ def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig(
     root = resolve_pretrained(path)
     check_pipeline_files(root)  # every folder present, no dangling link: all named at once, before any loading
     # The settings the checkpoint judges are checked from its configs, before seconds of weight conversion.
-    unet_cfg = unet_encoder_config(root)
+    unet_cfg = unet_config(root)
     sdxl = unet_cfg.addition_embed_type == "text_time"
     vae_cfg = vae_encoder_config(root, required_fields=SDXL_VAE_REQUIRED_FIELDS if sdxl else VAE_REQUIRED_FIELDS)
     step = vae_cfg.downscale * unet_cfg.feature_stride
@@ -408,7 +520,7 @@ def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig(
     )
 
     dtype = _DTYPES[cfg.unet_dtype]
-    unet, _ = load_unet_encoder(root, dtype=dtype, variant=cfg.variant, cache_dir=cfg.cache_dir)
+    unet, _ = load_unet(root, dtype=dtype, variant=cfg.variant, cache_dir=cfg.cache_dir)
     _log.info("UNet encoder loaded from %s in %.1f s", root, time.perf_counter() - t0)
     vae, _ = load_vae_encoder(
         root, variant=cfg.variant, cache_dir=cfg.cache_dir,
@@ -447,6 +559,7 @@ __all__ = [
     "BackboneConfig",
     "Conditioning",
     "extract_features",
+    "latent_taps",
     "load_backbone",
     "preprocess_images",
 ]

@@ -15,18 +15,38 @@ tokens of its image and scaled by its group weight:
   structure tensor (``dx^2 - dy^2``, ``2 dx dy``), each also averaged over the 3x3 token neighbourhood so
   that textures coarser than a patch are seen;
 * position: the token's (row, column) in [-1, 1].
+
+Taps (the contract of ``spark_jax.backbones.diffusion.Backbone.extract``, so every method runs on the demo): the
+features are the output of one pretend self-attention module ``tokens.attn1`` with a single head whose queries,
+keys and values are the features themselves:
+
+* ``tokens.attn1:output`` [B, N, C] and ``tokens:output`` [B, g, g, C]: the features (the feature tap);
+* ``tokens.attn1:q`` / ``:k`` / ``:v`` [B, 1, N, C]: the features again, as one head;
+* ``tokens.attn1:probs`` [B, 1, N, N]: softmax over j of ``attention_scale * <x_i, x_j>`` (``attention_scale``
+  None: 1 / sqrt(C), i.e. softmax(q k^T / sqrt(d)) as in the UNet), the attention-like map of these features;
+  ``tokens.attn1:probs_mean`` [B, N, N] the same (one head).
+
+It has no UNet taps (down/mid/up blocks, cross-attention): asking for one names the diffusion backbone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
 from spark_jax.data.preprocess import prepare_image
+from spark_jax.models.taps import UnknownTapError, parse_tap
 
-__all__ = ["HandcraftedConfig", "handcrafted_features", "HandcraftedBackbone"]
+__all__ = ["HandcraftedConfig", "handcrafted_features", "handcrafted_taps", "HandcraftedBackbone", "TAP_NAMES",
+           "FEATURE_TAP"]
+
+FEATURE_TAP = "tokens.attn1:output"
+TAP_NAMES = ("tokens.attn1:q", "tokens.attn1:k", "tokens.attn1:v", "tokens.attn1:probs", "tokens.attn1:probs_mean",
+             FEATURE_TAP, "tokens:output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +59,8 @@ class HandcraftedConfig:
         colour_weight: scale of the colour channels after standardisation.
         texture_weight: scale of the texture channels.
         position_weight: scale of the position channels (0 drops spatial bias).
+        attention_scale: logit scale of the attention-like taps (``tokens.attn1:probs``): softmax over tokens of
+            ``attention_scale * <x_i, x_j>``; None is 1 / sqrt(C), the UNet's softmax(q k^T / sqrt(d)).
     """
 
     resolution: int = 256
@@ -46,8 +68,11 @@ class HandcraftedConfig:
     colour_weight: float = 1.0
     texture_weight: float = 1.0
     position_weight: float = 0.25
+    attention_scale: float | None = None
 
     def __post_init__(self):
+        if self.attention_scale is not None and not self.attention_scale > 0:
+            raise ValueError(f"attention_scale must be None (1 / sqrt(C)) or > 0, got {self.attention_scale!r}")
         if self.patch < 2 or self.resolution % self.patch:
             raise ValueError(
                 f"resolution ({self.resolution}) must be a multiple of patch ({self.patch}), patch >= 2"
@@ -152,9 +177,50 @@ def features_from_prepared(x: jax.Array, cfg: HandcraftedConfig = HandcraftedCon
     )
 
 
+def _check_handcrafted_taps(taps: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(taps, str):
+        raise UnknownTapError(f"taps must be a sequence of names, got the single string {taps!r}: pass ({taps!r},)")
+    names = tuple(dict.fromkeys(taps))
+    if not names:
+        raise ValueError(f"no taps requested: name at least one of {', '.join(TAP_NAMES)}")
+    for name in names:
+        if name not in TAP_NAMES:
+            parse_tap(name)
+            raise UnknownTapError(
+                f"the handcrafted backbone has no tap {name!r}: it provides {', '.join(TAP_NAMES)} (its features as "
+                "one pretend self-attention head). UNet taps (down/mid/up blocks, attn2, conv_out) come from the "
+                "diffusion backbone: pass --checkpoint=<a diffusers folder> (spark_jax.load_backbone)."
+            )
+    return names
+
+
+def handcrafted_taps(x: jax.Array, cfg: HandcraftedConfig, taps: Sequence[str]) -> dict[str, jax.Array]:
+    """The requested taps (module docstring) of prepared images ``[B, S, S, 3]`` in [0, 1]; ``taps`` static."""
+    names = _check_handcrafted_taps(taps)
+    maps = features_from_prepared(x, cfg)
+    b, g, _, c = maps.shape
+    tokens = maps.reshape(b, g * g, c)
+    out: dict[str, jax.Array] = {}
+    for name in names:
+        _, quantity = parse_tap(name)
+        if name == "tokens:output":
+            out[name] = maps
+        elif quantity == "output":
+            out[name] = tokens
+        elif quantity in ("q", "k", "v"):
+            out[name] = tokens[:, None]
+        else:
+            scale = cfg.attention_scale if cfg.attention_scale is not None else c**-0.5
+            logits = jnp.einsum("bic,bjc->bij", tokens, tokens, precision=jax.lax.Precision.HIGHEST) * scale
+            probs = jax.nn.softmax(logits, axis=-1)
+            out[name] = probs[:, None] if quantity == "probs" else probs
+    return out
+
+
 # Module-level jits with the (hashable) config static: every backbone object shares the compilation cache.
 _raw_jit = jax.jit(handcrafted_features, static_argnums=1)
 _prepared_jit = jax.jit(features_from_prepared, static_argnums=1)
+_taps_jit = jax.jit(handcrafted_taps, static_argnums=(1, 2))
 
 
 class HandcraftedBackbone:
@@ -184,3 +250,34 @@ class HandcraftedBackbone:
     def extract_features_prepared(self, x: jax.Array) -> jax.Array:
         """``[B, S, S, 3]`` float images already prepared at ``resolution`` -> ``[B, g, g, C]``."""
         return _prepared_jit(jnp.asarray(x), self.cfg)
+
+    # The tap contract of the diffusion backbone (``Backbone.extract``).
+    feature_tap = FEATURE_TAP
+
+    def tap_names(self) -> tuple[str, ...]:
+        return TAP_NAMES
+
+    def tap_grid(self, name: str) -> tuple[int, int]:
+        """The token grid of a tap (every tap of this backbone lives on the one grid)."""
+        _check_handcrafted_taps((name,))
+        return self.token_grid
+
+    def extract(self, images: jax.Array, taps: Sequence[str]) -> dict[str, jax.Array]:
+        """``[B, H, W, 3]`` raw RGB images of one shape (uint8, or float in [0, 1]) -> ``{tap: array}``."""
+        images = jnp.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be [B, H, W, 3] RGB, got shape {images.shape}")
+        return self.extract_prepared(_prepare_jit(images, self.cfg.resolution), taps)
+
+    def extract_prepared(self, x: jax.Array, taps: Sequence[str]) -> dict[str, jax.Array]:
+        """``[B, S, S, 3]`` float images prepared at ``resolution`` -> ``{tap: array}`` (shapes: module docstring)."""
+        names = _check_handcrafted_taps(taps)
+        x = jnp.asarray(x)
+        if x.ndim != 4 or x.shape[1:] != (self.cfg.resolution, self.cfg.resolution, 3):
+            raise ValueError(
+                f"prepared images must be [B, {self.cfg.resolution}, {self.cfg.resolution}, 3], got shape {x.shape}"
+            )
+        return _taps_jit(x, self.cfg, names)
+
+
+_prepare_jit = jax.jit(prepare_image, static_argnums=1)
