@@ -11,41 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-# Tiny SDXL-form UNet: DownBlock2D then two attention blocks, linear projections, text_time added
-# embedding, and an uneven transformer_layers_per_block like SSD-1B's (1 then 3 blocks in the last).
-SDXL_UNET = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(16, 32, 64),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    mid_block_type="UNetMidBlock2D",
-    transformer_layers_per_block=[1, 2, [1, 3]],
-    reverse_transformer_layers_per_block=[[1, 1, 1], [2, 2, 2], [1, 1, 1]],
-    attention_head_dim=(1, 2, 4),
-    cross_attention_dim=32,
-    norm_num_groups=8,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=24 + 6 * 8,
-)
-# Tiny SD 1.x-form UNet: three attention blocks then DownBlock2D, 1x1-conv projections, no added
-# embedding; the feature point is in down_blocks[-2].
-SD1_UNET = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(16, 32, 32, 32),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=2,
-    cross_attention_dim=16,
-    norm_num_groups=8,
-)
+from unet_forms import FORMS, context_dim, perturb  # noqa: F401  (perturb: re-exported for the tests that import it here)
+
+# The tiny UNets are tests/unet_forms.py's: SDXL form (DownBlock2D then two attention blocks, linear projections,
+# text_time, an uneven transformer_layers_per_block like SSD-1B's), SD 1.x form (1x1-conv projections, the
+# feature point in down_blocks[-2]) and SD 2.x form (linear projections, upcast_attention, per-block heads).
+SDXL_UNET = FORMS["sdxl"]
+SD1_UNET = FORMS["sd1"]
+SD2_UNET = FORMS["sd2"]
 VAE = dict(
     block_out_channels=(8, 16, 16, 16),
     layers_per_block=1,
@@ -81,25 +54,13 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def perturb(module, seed: int) -> None:
-    """Randomise norm scales/biases and linear biases (default 1/0 would hide a swapped mapping)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1:
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
-
-
 def _tokenizer(pad_token: str):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(vocab=_byte_vocab(), merges=[], pad_token=pad_token, model_max_length=TEXT_LEN)
 
 
-def _text_encoders(two: bool, seed: int):
+def _text_encoders(two: bool, seed: int, hidden: int = 16):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -111,7 +72,7 @@ def _text_encoders(two: bool, seed: int):
     )
     torch.manual_seed(seed)
     if not two:
-        return [CLIPTextModel(CLIPTextConfig(hidden_size=16, **common)).eval()]
+        return [CLIPTextModel(CLIPTextConfig(hidden_size=hidden, **common)).eval()]
     return [
         CLIPTextModel(CLIPTextConfig(hidden_size=16, **common)).eval(),
         CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, projection_dim=24, **common)).eval(),
@@ -119,7 +80,8 @@ def _text_encoders(two: bool, seed: int):
 
 
 def build_tiny_pipeline(folder: Path, kind: str = "sdxl", seed: int = 0) -> Path:
-    """Saves a tiny random-weight SDXL-form (``kind="sdxl"``) or SD 1.x-form (``"sd1"``) pipeline.
+    """Saves a tiny random-weight SDXL-form (``kind="sdxl"``), SD 1.x-form (``"sd1"``) or SD 2.x-form (``"sd2"``)
+    pipeline.
 
     Returns ``folder``; an existing complete build is reused.
     """
@@ -137,25 +99,25 @@ def build_tiny_pipeline(folder: Path, kind: str = "sdxl", seed: int = 0) -> Path
     if (folder / "model_index.json").is_file():
         return folder
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**(SDXL_UNET if kind == "sdxl" else SD1_UNET)).eval()
+    if kind not in ("sdxl", "sd1", "sd2"):
+        raise ValueError(kind)
+    unet = UNet2DConditionModel(**FORMS[kind]).eval()
     vae = AutoencoderKL(**VAE).eval()
     perturb(unet, seed + 1)
     perturb(vae, seed + 2)
-    encoders = _text_encoders(kind == "sdxl", seed + 3)
+    encoders = _text_encoders(kind == "sdxl", seed + 3, hidden=context_dim(FORMS[kind]))
     if kind == "sdxl":
         scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
         pipe = StableDiffusionXLPipeline(
             vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=_tokenizer("<|endoftext|>"),
             tokenizer_2=_tokenizer("!"), unet=unet, scheduler=scheduler,
         )
-    elif kind == "sd1":
+    else:
         scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=encoders[0], tokenizer=_tokenizer("<|endoftext|>"), unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-    else:
-        raise ValueError(kind)
     pipe.save_pretrained(folder)
     return folder
 

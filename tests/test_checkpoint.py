@@ -18,7 +18,7 @@ from test_backbone_helpers import build_tiny_pipeline  # noqa: E402
 
 import spark_jax.models.convert as convert  # noqa: E402
 from spark_jax.backbones.checkpoint import CheckpointError, resolve_pretrained  # noqa: E402
-from spark_jax.models.convert import load_unet_encoder, load_vae_encoder  # noqa: E402
+from spark_jax.models.convert import load_unet, load_vae_encoder  # noqa: E402
 from spark_jax.models import UnsupportedArchitectureError  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -110,22 +110,21 @@ def _edit_weights(folder: Path, edit) -> None:
 )
 def test_key_map_rejects_missing_unexpected_and_misshapen_keys(copy_root, tmp_path, component, edit, match):
     _edit_weights(copy_root / component, edit)
-    load = load_unet_encoder if component == "unet" else load_vae_encoder
+    load = load_unet if component == "unet" else load_vae_encoder
     with pytest.raises(CheckpointError, match=match):
         load(copy_root, cache_dir=tmp_path / "cache")
 
 
-def test_keys_after_the_feature_point_are_skipped_not_required(copy_root, tmp_path):
-    """Keys of modules after the feature point may be present (full UNet) or absent (pruned file)."""
+def test_a_unet_file_pruned_after_the_feature_point_names_its_missing_keys(copy_root, tmp_path):
+    """The whole UNet is built, so every key is required: a file cut after the feature point is incomplete."""
     def prune(t):
         after = ("up_blocks.", "mid_block.", "conv_out.", "down_blocks.2.attentions.1.proj_out")
         for k in [k for k in t if k.startswith(after)]:
             del t[k]
 
-    full, _ = load_unet_encoder(copy_root, use_cache=False)
     _edit_weights(copy_root / "unet", prune)
-    pruned, _ = load_unet_encoder(copy_root, use_cache=False)
-    _assert_same_params(full, pruned)
+    with pytest.raises(CheckpointError, match=r"missing key\(s\): .*(up_blocks|mid_block|conv_out)"):
+        load_unet(copy_root, use_cache=False)
 
 
 def test_legacy_vae_attention_names_are_accepted(copy_root, sdxl_root):
@@ -154,7 +153,7 @@ def test_legacy_vae_attention_names_are_accepted(copy_root, sdxl_root):
 def test_damaged_or_missing_files_name_the_file(copy_root, tmp_path, damage, match):
     damage(copy_root / "unet" / WEIGHTS)
     with pytest.raises(CheckpointError, match=match):
-        load_unet_encoder(copy_root, cache_dir=tmp_path / "cache")
+        load_unet(copy_root, cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.parametrize(
@@ -172,7 +171,7 @@ def test_unsupported_architectures_are_named(copy_root, field, value, match):
     cfg[field] = value
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedArchitectureError, match=match):
-        load_unet_encoder(copy_root, use_cache=False)
+        load_unet(copy_root, use_cache=False)
 
 
 # --- variants and the conversion cache ------------------------------------------------------------
@@ -184,8 +183,8 @@ def test_fp16_variant_loads_and_matches_fp32_to_fp16_rounding(copy_root, sdxl_ro
     half = {k: v.astype(np.float16) for k, v in tensors.items()}
     save_file(half, str(folder / "diffusion_pytorch_model.fp16.safetensors"))
     (folder / WEIGHTS).unlink()
-    half, _ = load_unet_encoder(copy_root, use_cache=False)  # falls back to the fp16 variant
-    full, _ = load_unet_encoder(sdxl_root, use_cache=False)
+    half, _ = load_unet(copy_root, use_cache=False)  # falls back to the fp16 variant
+    full, _ = load_unet(sdxl_root, use_cache=False)
     for a, b in zip(_params(half), _params(full), strict=True):
         assert a.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
@@ -193,26 +192,26 @@ def test_fp16_variant_loads_and_matches_fp32_to_fp16_rounding(copy_root, sdxl_ro
 
 def test_second_load_reads_the_cache_and_a_changed_file_invalidates_it(copy_root, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    first, _ = load_unet_encoder(copy_root, cache_dir=cache)
+    first, _ = load_unet(copy_root, cache_dir=cache)
     assert len(list((cache / "converted").glob("unet-*.safetensors"))) == 1
 
     real_convert = convert.convert_checkpoint
     calls = []
     monkeypatch.setattr(convert, "convert_checkpoint", lambda *a, **k: calls.append(1) or real_convert(*a, **k))
-    cached, _ = load_unet_encoder(copy_root, cache_dir=cache)
+    cached, _ = load_unet(copy_root, cache_dir=cache)
     assert calls == []
     _assert_same_params(first, cached)
 
     _edit_weights(copy_root / "unet", lambda t: t.__setitem__("conv_in.bias", t["conv_in.bias"] + 1.0))
-    changed, _ = load_unet_encoder(copy_root, cache_dir=cache)
+    changed, _ = load_unet(copy_root, cache_dir=cache)
     assert calls == [1]
     np.testing.assert_allclose(np.asarray(changed.conv_in.bias), np.asarray(first.conv_in.bias) + 1.0, rtol=1e-6)
 
 
 def test_damaged_cache_entry_is_rebuilt(copy_root, tmp_path):
     cache = tmp_path / "cache"
-    first, _ = load_unet_encoder(copy_root, cache_dir=cache)
+    first, _ = load_unet(copy_root, cache_dir=cache)
     (entry,) = (cache / "converted").glob("unet-*.safetensors")
     entry.write_bytes(b"garbage")
-    again, _ = load_unet_encoder(copy_root, cache_dir=cache)
+    again, _ = load_unet(copy_root, cache_dir=cache)
     _assert_same_params(first, again)

@@ -25,7 +25,7 @@ from test_backbone_helpers import (  # noqa: E402
 )
 
 from experiments.bench_backbone import SSD1B_UNET  # noqa: E402  (the one reconstruction of SSD-1B's config)
-from spark_jax.models.convert import load_unet_encoder, load_vae_encoder  # noqa: E402
+from spark_jax.models.convert import load_unet, load_vae_encoder  # noqa: E402
 from spark_jax.backbones.conditioning import add_noise, load_alphas_cumprod, prompt_embeddings  # noqa: E402
 from spark_jax.models.embeddings import timestep_embedding  # noqa: E402
 
@@ -44,7 +44,7 @@ def assert_parity(ours, ref, rel_tol=REL_TOL):
 @pytest.fixture(scope="session")
 def tiny_roots(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
-    return {kind: build_tiny_pipeline(base / f"tiny_{kind}", kind) for kind in ("sdxl", "sd1")}
+    return {kind: build_tiny_pipeline(base / f"tiny_{kind}", kind) for kind in ("sdxl", "sd1", "sd2")}
 
 
 @pytest.fixture(scope="session")
@@ -65,11 +65,18 @@ def test_timestep_embedding_matches_diffusers(t, flip, shift):
     np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-4)
 
 
+def feature_map(model, *args):
+    """Our UNet's feature tap (``cfg.feature_tap``) reshaped to the [B, h, w, C] map."""
+    tap = model.config.feature_tap
+    tokens = model(*args, taps=(tap,))[tap]
+    return tokens.reshape(tokens.shape[0], *model.config.tap_grid(tap, args[0].shape[1:3]), -1)
+
+
 def save_and_load_unet(unet_t, folder):
-    """Saves a diffusers UNet as a one-model pipeline folder and loads our encoder from it (no cache)."""
+    """Saves a diffusers UNet as a one-model pipeline folder and loads our UNet from it (no cache)."""
     (folder / "model_index.json").write_text("{}")
     unet_t.save_pretrained(folder / "unet")
-    return load_unet_encoder(folder, use_cache=False)
+    return load_unet(folder, use_cache=False)
 
 
 def unet_features_both_ways(unet_t, model, cfg, *, batch, side, tokens, seed, time_ids=None):
@@ -87,18 +94,18 @@ def unet_features_both_ways(unet_t, model, cfg, *, batch, side, tokens, seed, ti
         text_embeds = rng.standard_normal((batch, cfg.text_embeds_dim)).astype(np.float32)
         time_ids = np.asarray(time_ids, np.float32)
     ref = hooked_unet_features(unet_t, sample, 50, context, text_embeds, time_ids)
-    ours = jax.jit(lambda *a: model(*a))(
+    ours = jax.jit(lambda *a: feature_map(model, *a))(
         jnp.asarray(sample.transpose(0, 2, 3, 1)), jnp.asarray(50), jnp.asarray(context),
         None if text_embeds is None else jnp.asarray(text_embeds), None if time_ids is None else jnp.asarray(time_ids),
     )
     return ours, ref
 
 
-@pytest.mark.parametrize("kind,feature_shape", [("sdxl", (2, 8, 8, 64)), ("sd1", (2, 8, 8, 32))])
+@pytest.mark.parametrize("kind,feature_shape", [("sdxl", (2, 8, 8, 64)), ("sd1", (2, 8, 8, 32)), ("sd2", (2, 8, 8, 32))])
 def test_unet_features_match_hooked_diffusers_unet(tiny_roots, cache_dir, kind, feature_shape):
     root = tiny_roots[kind]
     unet_t = diffusers.UNet2DConditionModel.from_pretrained(root / "unet").eval()
-    model, cfg = load_unet_encoder(root, cache_dir=cache_dir)
+    model, cfg = load_unet(root, cache_dir=cache_dir)
     assert cfg.text_embeds_dim == (24 if kind == "sdxl" else None)
     ours, ref = unet_features_both_ways(
         unet_t, model, cfg, batch=2, side=32, tokens=16, seed=0,
@@ -138,14 +145,16 @@ def test_unet_family_forms_match_hooked_diffusers_unet(tmp_path, form, feature_s
 
 
 def test_unet_feature_point_is_last_attention_down_block(tiny_roots, cache_dir):
-    """SDXL form: down_blocks[-1]; SD 1.x form: down_blocks[-2]; nothing after attn1 is built."""
-    _, sdxl = load_unet_encoder(tiny_roots["sdxl"], cache_dir=cache_dir)
-    model, sd1 = load_unet_encoder(tiny_roots["sd1"], cache_dir=cache_dir)
+    """SDXL form: down_blocks[-1]; SD 1.x form: down_blocks[-2] (its final DownBlock2D has no attention).
+
+    That nothing after the feature point is traced is tests/test_unet_parity.py's early-stop test.
+    """
+    _, sdxl = load_unet(tiny_roots["sdxl"], cache_dir=cache_dir)
+    model, sd1 = load_unet(tiny_roots["sd1"], cache_dir=cache_dir)
     assert (sdxl.feature_block, sd1.feature_block) == (2, 2)
-    assert len(model.down_blocks) == 3  # SD 1.x's final DownBlock2D is after the feature point
-    last = model.down_blocks[-1].attentions[-1]
-    assert not hasattr(last, "proj_out") and not hasattr(last.transformer_blocks[-1], "attn2")
-    assert model.down_blocks[-1].downsamplers is None
+    assert sdxl.feature_tap == "down_blocks.2.attentions.1.transformer_blocks.2.attn1:output"
+    assert sd1.feature_tap == "down_blocks.2.attentions.0.transformer_blocks.0.attn1:output"
+    assert len(model.down_blocks) == 4 and model.config == sd1  # the whole UNet is built
 
 
 @pytest.mark.parametrize(
@@ -155,15 +164,15 @@ def test_unet_feature_point_is_last_attention_down_block(tiny_roots, cache_dir):
 )
 def test_unet_reduced_precision_tracks_float32(tiny_roots, cache_dir, unet_dtype, rel_tol):
     root = tiny_roots["sdxl"]
-    f32, _ = load_unet_encoder(root, cache_dir=cache_dir)
-    low, _ = load_unet_encoder(root, dtype=jnp.dtype(unet_dtype), cache_dir=cache_dir)
+    f32, _ = load_unet(root, cache_dir=cache_dir)
+    low, _ = load_unet(root, dtype=jnp.dtype(unet_dtype), cache_dir=cache_dir)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((1, 32, 32, 4)), jnp.float32)
     ctx = jnp.asarray(rng.standard_normal((1, 16, 32)), jnp.float32)
     te = jnp.asarray(rng.standard_normal((1, 24)), jnp.float32)
     ids = jnp.asarray([[256, 256, 0, 0, 256, 256]], jnp.float32)
-    ref = jax.jit(lambda *a: f32(*a))(x, jnp.asarray(50), ctx, te, ids)
-    out = jax.jit(lambda *a: low(*a))(
+    ref = jax.jit(lambda *a: feature_map(f32, *a))(x, jnp.asarray(50), ctx, te, ids)
+    out = jax.jit(lambda *a: feature_map(low, *a))(
         x.astype(unet_dtype), jnp.asarray(50), ctx.astype(unet_dtype), te.astype(unet_dtype), ids
     )
     chex.assert_type(out, jnp.dtype(unet_dtype))
@@ -172,7 +181,7 @@ def test_unet_reduced_precision_tracks_float32(tiny_roots, cache_dir, unet_dtype
 
 @pytest.mark.parametrize("unet_dtype", ["bfloat16", "float16"])
 def test_unet_loads_in_reduced_precision(tiny_roots, cache_dir, unet_dtype):
-    model, _ = load_unet_encoder(tiny_roots["sdxl"], dtype=jnp.dtype(unet_dtype), cache_dir=cache_dir)
+    model, _ = load_unet(tiny_roots["sdxl"], dtype=jnp.dtype(unet_dtype), cache_dir=cache_dir)
     leaves = jax.tree.leaves(model)
     assert leaves and all(leaf.dtype == jnp.dtype(unet_dtype) for leaf in leaves)
 
@@ -216,7 +225,7 @@ def test_reference_schedule_abar_50():
     assert abar[50] == pytest.approx(0.9516, abs=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["sdxl", "sd1"])
+@pytest.mark.parametrize("kind", ["sdxl", "sd1", "sd2"])
 def test_empty_prompt_embeddings_match_pipeline_encode_prompt(tiny_roots, cache_dir, kind):
     root = tiny_roots[kind]
     ours = prompt_embeddings(root, cache_dir=cache_dir)
@@ -231,7 +240,7 @@ def test_empty_prompt_embeddings_match_pipeline_encode_prompt(tiny_roots, cache_
         with torch.no_grad():
             ref, _ = pipe.encode_prompt("", "cpu", 1, do_classifier_free_guidance=False)
         assert ours.text_embeds is None
-    chex.assert_shape(ours.encoder_hidden_states, (16, 32 if kind == "sdxl" else 16))
+    chex.assert_shape(ours.encoder_hidden_states, (16, {"sdxl": 32, "sd1": 16, "sd2": 24}[kind]))
     assert_parity(ours.encoder_hidden_states, ref[0].numpy())
 
 

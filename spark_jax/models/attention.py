@@ -1,6 +1,8 @@
 """Attention, GEGLU feed-forward and BasicTransformerBlock (``diffusers.models.attention*``), in Flax NNX.
 
-Attribute names mirror diffusers' parameter names (``to_q``, ``to_out.0``, ``ff.net.0.proj``, ...).
+Attribute names mirror diffusers' parameter names (``to_q``, ``to_out.0``, ``ff.net.0.proj``, ...). Attention
+and BasicTransformerBlock record taps (``spark_jax.models.taps``): q/k/v, the attention probabilities (computed
+only when requested) and their outputs.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spark_jax.models.resnet import group_norm
+from spark_jax.models.taps import NO_TAPS, PROBS_QUANTITIES, Tapped, TapRecorder
 
 
-class Attention(nnx.Module):
+class Attention(Tapped, nnx.Module):
     """Multi-head (cross-)attention with diffusers' parameter layout.
 
     Used in two forms: the UNet's token attention (no q/k/v bias) and the VAE's spatial self-attention
     (``norm_num_groups`` set: GroupNorm first, q/k/v biases, residual added inside).
-    Logits and softmax are computed in float32 whatever the input dtype (diffusers' ``upcast_softmax``).
+    Logits and softmax are computed in float32 whatever the input dtype (diffusers' ``upcast_softmax``, and
+    ``upcast_attention``'s float32 logits), so diffusers' ``upcast_attention`` needs no switch here.
     """
 
     def __init__(
@@ -47,10 +51,14 @@ class Attention(nnx.Module):
         # diffusers' to_out is [Linear, Dropout]; dropout is the identity at inference.
         self.to_out = nnx.List([nnx.Linear(inner, query_dim, rngs=rngs), nnx.Dropout(0.0)])
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, rec: TapRecorder = NO_TAPS
+    ) -> jax.Array:
         """x: [B, T, C] tokens or [B, H, W, C] maps; context: [B, L, D] or None (self-attention).
 
-        Returns an array shaped like ``x``.
+        Returns an array shaped like ``x``. Records the taps ``q``, ``k``, ``v``, ``probs``, ``probs_mean`` and
+        ``output`` (see ``spark_jax.models.taps``); the output is always the fast path's
+        (``dot_product_attention``), the probabilities are computed besides it only when requested.
         """
         spatial_shape = x.shape
         if x.ndim == 4:
@@ -60,14 +68,74 @@ class Attention(nnx.Module):
             x = self.group_norm(x)
         context = x if context is None else context
         b, t, _ = x.shape
+        path = self.tap_path
         q = self.to_q(x).reshape(b, t, self.heads, self.dim_head)
+        if rec.wants(path, "q"):
+            rec.record(path, "q", q.transpose(0, 2, 1, 3))
         k = self.to_k(context).reshape(b, context.shape[1], self.heads, self.dim_head)
+        if rec.wants(path, "k"):
+            rec.record(path, "k", k.transpose(0, 2, 1, 3))
         v = self.to_v(context).reshape(b, context.shape[1], self.heads, self.dim_head)
-        out = dot_product_attention(q, k, v, scale=self.dim_head**-0.5)
+        if rec.wants(path, "v"):
+            rec.record(path, "v", v.transpose(0, 2, 1, 3))
+        scale = self.dim_head**-0.5
+        if rec.wants_any(path, PROBS_QUANTITIES):
+            if rec.wants(path, "probs"):
+                rec.record(path, "probs", attention_probs(q, k, scale=scale))
+            if rec.wants(path, "probs_mean"):
+                rec.record(path, "probs_mean", attention_probs_mean(q, k, scale=scale))
+        out = dot_product_attention(q, k, v, scale=scale)
         out = self.to_out[0](out.reshape(b, t, self.heads * self.dim_head))
         if self.residual_connection:
             out = out + residual
-        return out.reshape(spatial_shape)
+        out = out.reshape(spatial_shape)
+        rec.record(path, "output", out)
+        return out
+
+
+def attention_probs(
+    q: jax.Array, k: jax.Array, *, scale: float, precision: str | jax.lax.Precision | None = None
+) -> jax.Array:
+    """softmax(q k^T * scale) of every head, float32.
+
+    Args:
+      q: [B, T, N, H] queries; k: [B, S, N, H] keys (N heads of width H).
+      scale: logit scale (diffusers: dim_head ** -0.5).
+      precision: precision of the product (None follows ``jax.default_matmul_precision``).
+
+    Returns:
+      [B, N, T, S] float32 probabilities (rows sum to 1).
+    """
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32, precision=precision)
+    return jax.nn.softmax(logits * scale, axis=-1)
+
+
+def attention_probs_mean(
+    q: jax.Array, k: jax.Array, *, scale: float, precision: str | jax.lax.Precision | None = None
+) -> jax.Array:
+    """Mean over heads of ``attention_probs``, accumulated one head at a time.
+
+    A ``lax.scan`` over heads holds one head's [B, T, S] probabilities and the running sum, never all heads
+    at once: DiffSeg-style averages of 4096 x 4096 maps over 10-20 heads stay at two such maps.
+
+    Args:
+      q: [B, T, N, H]; k: [B, S, N, H]; scale, precision: as in ``attention_probs``.
+
+    Returns:
+      [B, T, S] float32.
+    """
+    b, t, n, _ = q.shape
+    s = k.shape[1]
+
+    def add_head(acc: jax.Array, qk: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        qh, kh = qk  # [B, T, H], [B, S, H]
+        logits = jnp.einsum("bth,bsh->bts", qh, kh, preferred_element_type=jnp.float32, precision=precision)
+        return acc + jax.nn.softmax(logits * scale, axis=-1), None
+
+    total, _ = jax.lax.scan(
+        add_head, jnp.zeros((b, t, s), jnp.float32), (q.transpose(2, 0, 1, 3), k.transpose(2, 0, 1, 3))
+    )
+    return total / n
 
 
 # Attention is computed per (batch, head) and per block of BLOCK_Q queries, each block a plain 2-D
@@ -156,12 +224,8 @@ class FeedForward(nnx.Module):
         return self.net[2](self.net[0](x))
 
 
-class BasicTransformerBlock(nnx.Module):
-    """Self-attention, cross-attention and GEGLU feed-forward, each pre-LayerNorm with a residual.
-
-    With ``attn1_only=True`` only ``norm1`` and ``attn1`` are built: the block ends at the feature
-    point, so nothing after the self-attention is stored or computed.
-    """
+class BasicTransformerBlock(Tapped, nnx.Module):
+    """Self-attention, cross-attention and GEGLU feed-forward, each pre-LayerNorm with a residual."""
 
     def __init__(
         self,
@@ -172,26 +236,22 @@ class BasicTransformerBlock(nnx.Module):
         cross_attention_dim: int,
         norm_eps: float = 1e-5,
         attention_bias: bool = False,
-        attn1_only: bool = False,
         rngs: nnx.Rngs,
     ):
         self.norm1 = nnx.LayerNorm(dim, epsilon=norm_eps, use_fast_variance=False, rngs=rngs)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, bias=attention_bias, rngs=rngs)
-        if not attn1_only:
-            self.norm2 = nnx.LayerNorm(dim, epsilon=norm_eps, use_fast_variance=False, rngs=rngs)
-            self.attn2 = Attention(
-                dim, heads=heads, dim_head=dim_head, cross_attention_dim=cross_attention_dim,
-                bias=attention_bias, rngs=rngs,
-            )
-            self.norm3 = nnx.LayerNorm(dim, epsilon=norm_eps, use_fast_variance=False, rngs=rngs)
-            self.ff = FeedForward(dim, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, epsilon=norm_eps, use_fast_variance=False, rngs=rngs)
+        self.attn2 = Attention(
+            dim, heads=heads, dim_head=dim_head, cross_attention_dim=cross_attention_dim,
+            bias=attention_bias, rngs=rngs,
+        )
+        self.norm3 = nnx.LayerNorm(dim, epsilon=norm_eps, use_fast_variance=False, rngs=rngs)
+        self.ff = FeedForward(dim, rngs=rngs)
 
-    def self_attention(self, x: jax.Array) -> jax.Array:
-        """attn1 output after its output projection, before the residual: x [B, T, C] -> [B, T, C]."""
-        return self.attn1(self.norm1(x))
-
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, rec: TapRecorder = NO_TAPS) -> jax.Array:
         """x: [B, T, C]; context: [B, L, D] -> [B, T, C]."""
-        x = x + self.self_attention(x)
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = x + self.attn1(self.norm1(x), rec=rec)
+        x = x + self.attn2(self.norm2(x), context, rec=rec)
+        x = x + self.ff(self.norm3(x))
+        rec.record(self.tap_path, "output", x)
+        return x

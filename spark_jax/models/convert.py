@@ -37,7 +37,7 @@ from spark_jax.backbones.checkpoint import (
     resolve_pretrained,
     weight_files,
 )
-from spark_jax.models.unet_encoder import UNetEncoder, UNetEncoderConfig
+from spark_jax.models.unet import UNet2DConditionModel, UNetConfig
 from spark_jax.models.vae_encoder import VAEEncoder, VAEEncoderConfig
 
 # Bump when the conversion rules change: invalidates every cached converted file.
@@ -301,22 +301,37 @@ def _read_cache(cache_file: Path, params: Mapping[tuple[Any, ...], Any]) -> dict
 
 
 @functools.lru_cache(maxsize=8)
-def abstract_module(cfg: UNetEncoderConfig | VAEEncoderConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_module(cfg: UNetConfig | VAEEncoderConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Shapes-only (graphdef, state) of the module a config describes, memoised per config.
 
-    Tracing every initializer under ``nnx.eval_shape`` takes seconds for an SDXL UNet; loading the
-    same architecture again reuses it.
+    Tracing every initializer under ``nnx.eval_shape`` takes about a second for an SDXL UNet (with
+    ``_host_counted_rngs``); loading the same architecture again reuses it.
     """
-    cls = UNetEncoder if isinstance(cfg, UNetEncoderConfig) else VAEEncoder
-    return nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+    cls = UNet2DConditionModel if isinstance(cfg, UNetConfig) else VAEEncoder
+    return nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=_host_counted_rngs())))
 
 
-def unet_encoder_config(root: str | os.PathLike) -> UNetEncoderConfig:
-    """The UNet encoder's architecture from ``<root>/unet/config.json`` (required fields checked); no weights read."""
+def _host_counted_rngs(seed: int = 0) -> nnx.Rngs:
+    """``nnx.Rngs`` whose draw counter is a host numpy scalar, for building modules under ``nnx.eval_shape``.
+
+    Every parameter draw increments the counter. A traced counter costs a scan of the whole trace so far per
+    draw (flax's ``Variable.set_value`` probes the new value's ``sharding``; on a tracer jax builds that
+    AttributeError's message from the trace's equations): quadratic in the number of parameters. Measured on
+    this CPU: 12-15 s for SSD-1B's whole UNet and for the tiny SDXL-base test form, against 0.9-1.1 s with a
+    host counter, which numpy updates in place, outside the trace. Only shapes come out of ``eval_shape``, so
+    the draws themselves do not matter.
+    """
+    rngs = nnx.Rngs(seed)
+    rngs.default.count.set_value(np.zeros((), np.uint32))
+    return rngs
+
+
+def unet_config(root: str | os.PathLike) -> UNetConfig:
+    """The UNet's architecture from ``<root>/unet/config.json`` (required fields checked); no weights read."""
     folder = resolve_pretrained(root) / "unet"
     raw = read_config(folder)
     require_fields(raw, UNET_REQUIRED_FIELDS, str(folder / "config.json"))
-    return UNetEncoderConfig.from_diffusers(raw, source=str(folder / "config.json"))
+    return UNetConfig.from_diffusers(raw, source=str(folder / "config.json"))
 
 
 def vae_encoder_config(
@@ -329,15 +344,15 @@ def vae_encoder_config(
     return VAEEncoderConfig.from_diffusers(raw, source=str(folder / "config.json"))
 
 
-def load_unet_encoder(
+def load_unet(
     root: str | os.PathLike,
     *,
     dtype: jnp.dtype = jnp.float32,
     variant: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
-) -> tuple[UNetEncoder, UNetEncoderConfig]:
-    """The UNet encoder (to the feature point) of a diffusers checkpoint, with its config.
+) -> tuple[UNet2DConditionModel, UNetConfig]:
+    """The whole UNet of a diffusers checkpoint (every key of ``unet/`` used), with its config.
 
     Args:
       root: a pipeline folder, HF-cache snapshot or cached repo id (see ``resolve_pretrained``).
@@ -345,11 +360,9 @@ def load_unet_encoder(
       variant, cache_dir, use_cache: see ``load_converted``.
     """
     folder = resolve_pretrained(root) / "unet"
-    cfg = unet_encoder_config(folder.parent)
-    model = load_converted(
-        abstract_module(cfg), folder, variant=variant, dtype=dtype,
-        skipped_prefixes=cfg.skipped_checkpoint_prefixes(), cache_dir=cache_dir, use_cache=use_cache,
-    )
+    cfg = unet_config(folder.parent)
+    model = load_converted(abstract_module(cfg), folder, variant=variant, dtype=dtype, cache_dir=cache_dir,
+                           use_cache=use_cache)
     return model, cfg
 
 
@@ -365,7 +378,7 @@ def load_vae_encoder(
 
     Args:
       required_fields: config fields that must be present (``SDXL_VAE_REQUIRED_FIELDS`` for the SDXL family).
-      (the rest as in ``load_unet_encoder``)
+      (the rest as in ``load_unet``)
     """
     folder = resolve_pretrained(root) / "vae"
     cfg = vae_encoder_config(folder.parent, required_fields=required_fields)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from spark_jax.models.resnet import group_norm
 from spark_jax.models.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlock2D
-from spark_jax.models.unet_encoder import UnsupportedArchitectureError
+from spark_jax.models.unet import UnsupportedArchitectureError
 
 
 @dataclasses.dataclass(frozen=True)
