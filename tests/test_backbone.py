@@ -199,3 +199,23 @@ def test_unknown_taps_are_named_with_the_closest_valid_ones(backbone, images):
     with pytest.raises(UnknownTapError, match="closest valid names") as info:
         backbone.tap_grid(typo)
     assert backbone.feature_tap in str(info.value)
+
+
+def test_a_backbone_loaded_for_some_taps_holds_only_their_parameters(sdxl_root, backbone, images, tmp_path_factory):
+    from spark_jax.models.taps import UnknownTapError
+
+    cache = str(tmp_path_factory.getbasetemp() / "spark_jax_cache")
+    lean = load_backbone(sdxl_root, BackboneConfig(resolution=RES, cache_dir=cache, taps=(backbone.feature_tap,)))
+    nbytes = lambda params: sum(x.nbytes for x in jax.tree_util.tree_leaves(params))  # noqa: E731
+    assert nbytes(lean.unet_params) < 0.8 * nbytes(backbone.unet_params)
+    np.testing.assert_allclose(np.asarray(lean.extract_features(images)), np.asarray(backbone.extract_features(images)),
+                               atol=1e-6)
+    earlier = backbone.tap_names()[backbone.tap_names().index(backbone.feature_tap) - 1]
+    np.testing.assert_allclose(np.asarray(lean.extract(images, (earlier,))[earlier]),
+                               np.asarray(backbone.extract(images, (earlier,))[earlier]), atol=1e-6)
+    with pytest.raises(UnknownTapError, match=r"comes after the last tap.*BackboneConfig\(taps=None\)"):
+        lean.extract(images, ("conv_out:output",))
+    with pytest.raises(UnknownTapError, match="no_such_block"):
+        load_backbone(sdxl_root, BackboneConfig(resolution=RES, cache_dir=cache, taps=("no_such_block:output",)))
+    with pytest.raises(ValueError, match="BackboneConfig.taps"):
+        BackboneConfig(taps="conv_out:output")

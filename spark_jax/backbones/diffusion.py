@@ -49,7 +49,7 @@ from spark_jax.data.preprocess import prepare_image
 
 _log = logging.getLogger(__name__)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-NOISE_SOURCES = ("jax", "torch", "file")
+NOISE_SOURCES = ("jax", "torch", "file", "none")
 MATMUL_PRECISIONS = ("highest", "high", "default")
 
 
@@ -79,6 +79,8 @@ class BackboneConfig:
         its CPU one: "torch" is DiffCut's draw only on a machine without a GPU. To use the CUDA draw, save it
         once where a GPU is, ``np.save("eps.npy", torch.randn(1, 4, 128, 128, generator=torch.Generator("cuda")
         .manual_seed(42), device="cuda").cpu().numpy())``, and pass it with ``noise_source="file"``.
+        "none": no forward noising at all: the clean latent (posterior mean x scaling factor, not scaled by
+        sqrt(abar_t)) enters the UNet with the timestep's embedding, as DiffSeg does (t = 300); ``seed`` is unused.
       noise_file: path of a ``.npy`` file holding the noise in torch's layout: one float array [1, c, h, w]
         (NCHW; c = 4 and h = w = resolution / 8 for the SD family: (1, 4, 128, 128) at 1024 px), finite; float32
         to be reproduced bit for bit. Required with ``noise_source="file"`` and refused otherwise; its shape,
@@ -93,6 +95,11 @@ class BackboneConfig:
         to the whole jitted extractor (``jax.default_matmul_precision``): "highest" (float32 throughout, the
         default: exact), "high" (bf16_3x / TF32-class passes) or "default" (the backend's default: TF32 on
         recent NVIDIA GPUs, one bfloat16 pass on TPUs). On CPUs all three compile to the same program.
+      taps: the taps this backbone will serve, or None for every tap of the UNet (the whole UNet's parameters
+        are held: 1.33B for SSD-1B, 5.3 GB in float32). With taps given, only the parameters the forward reads up
+        to the last of them are held (SPARK's feature tap: SSD-1B's down blocks up to it, ~0.44B), and
+        ``extract`` serves those taps and any tap before them in forward order (``UNetConfig.tap_names()``);
+        a later one is refused by name.
     """
 
     resolution: int = 1024
@@ -105,8 +112,13 @@ class BackboneConfig:
     cache_dir: str | None = None
     noise_file: str | None = None
     matmul_precision: str = "highest"
+    taps: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if self.taps is not None and (isinstance(self.taps, str) or not isinstance(self.taps, tuple)
+                                      or not self.taps or not all(isinstance(t, str) for t in self.taps)):
+            raise ValueError(f"BackboneConfig.taps must be None (every tap) or a non-empty tuple of tap names, got "
+                             f"{self.taps!r}")
         for name in ("resolution", "timestep", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -162,7 +174,8 @@ class Conditioning(NamedTuple):
     """Per-checkpoint constants of the extractor (pytree of arrays).
 
     Attributes:
-      noise: [1, h, w, c] float32 noise shared by the batch (h = w = resolution / VAE downscale).
+      noise: [1, h, w, c] float32 noise shared by the batch (h = w = resolution / VAE downscale); None with
+        ``noise_source="none"`` (the clean latent goes in).
       alpha_bar: [] float32 abar_t of the checkpoint's schedule at the timestep.
       encoder_hidden_states: [L, D] float32 prompt embeddings.
       text_embeds: [P] float32 pooled embedding (SDXL family) or None.
@@ -283,7 +296,7 @@ def _latent_taps(
     unet: UNet2DConditionModel, latents: jax.Array, cond: Conditioning, *, taps: tuple[str, ...], timestep: int,
     unet_dtype: jnp.dtype,
 ) -> dict[str, jax.Array]:
-    noisy = add_noise(latents, cond.noise, cond.alpha_bar)
+    noisy = latents if cond.noise is None else add_noise(latents, cond.noise, cond.alpha_bar)
     b = latents.shape[0]
     context = jnp.broadcast_to(cond.encoder_hidden_states, (b, *cond.encoder_hidden_states.shape))
     text_embeds = None if cond.text_embeds is None else jnp.broadcast_to(cond.text_embeds, (b, *cond.text_embeds.shape))
@@ -438,7 +451,19 @@ class Backbone:
                         f"UNet; its counterpart here is {self.feature_tap.rsplit(':', 1)[0]}:"
                         f"{name.rsplit(':', 1)[1]} (backbone.feature_tap is {self.feature_tap!r})"
                     )
-        return check_taps(taps, self.tap_names())
+        names = check_taps(taps, self.tap_names())
+        if self.cfg.taps is not None:
+            order = {name: i for i, name in enumerate(self.tap_names())}
+            last = max(order[t] for t in self.cfg.taps)
+            beyond = [t for t in names if order[t] > last]
+            if beyond:
+                raise UnknownTapError(
+                    f"tap {beyond[0]!r} comes after the last tap this backbone was loaded for "
+                    f"(BackboneConfig.taps={self.cfg.taps}): only the parameters up to "
+                    f"{self.tap_names()[last]!r} are held. Load it with BackboneConfig(taps=None) for the whole UNet, "
+                    "or with the taps you need."
+                )
+        return names
 
     @property
     def latent_grid(self) -> tuple[int, int]:
@@ -479,6 +504,36 @@ class Backbone:
     __call__ = extract_features
 
 
+class TapInfo:
+    """What a checkpoint's backbone would offer (``feature_tap``, ``tap_names()``, ``tap_grid(name)``,
+    ``resolution``), read from its configs alone: to choose ``BackboneConfig.taps`` before loading any weight."""
+
+    def __init__(self, unet_cfg: UNetConfig, vae_cfg: VAEEncoderConfig, resolution: int):
+        self.unet_config, self.resolution = unet_cfg, resolution
+        side = resolution // vae_cfg.downscale
+        self.latent_grid = (side, side)
+
+    @property
+    def feature_tap(self) -> str:
+        return self.unet_config.feature_tap
+
+    def tap_names(self) -> tuple[str, ...]:
+        return self.unet_config.tap_names()
+
+    def tap_grid(self, name: str) -> tuple[int, int]:
+        check_taps((name,), self.tap_names())
+        return self.unet_config.tap_grid(name, self.latent_grid)
+
+
+def tap_info(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig()) -> TapInfo:
+    """The taps the backbone of ``path`` would offer at ``cfg.resolution`` (configs only, no weights read)."""
+    root = resolve_pretrained(path)
+    unet_cfg = unet_config(root)
+    sdxl = unet_cfg.addition_embed_type == "text_time"
+    vae_cfg = vae_encoder_config(root, required_fields=SDXL_VAE_REQUIRED_FIELDS if sdxl else VAE_REQUIRED_FIELDS)
+    return TapInfo(unet_cfg, vae_cfg, cfg.resolution)
+
+
 def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig()) -> Backbone:
     """Loads a diffusers checkpoint (folder, HF-cache snapshot or cached repo id) as a feature extractor.
 
@@ -515,12 +570,15 @@ def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig(
         )
     latent = (cfg.resolution // vae_cfg.downscale, cfg.resolution // vae_cfg.downscale, vae_cfg.latent_channels)
     noise = (
-        load_noise_file(cfg.noise_file, latent) if cfg.noise_source == "file"
+        None if cfg.noise_source == "none"
+        else load_noise_file(cfg.noise_file, latent) if cfg.noise_source == "file"
         else shared_noise(cfg.seed, latent, source=cfg.noise_source, cache_dir=cfg.cache_dir)
     )
 
     dtype = _DTYPES[cfg.unet_dtype]
-    unet, _ = load_unet(root, dtype=dtype, variant=cfg.variant, cache_dir=cfg.cache_dir)
+    if cfg.taps is not None:
+        check_taps(cfg.taps, unet_cfg.tap_names())  # named before any weight is read
+    unet, _ = load_unet(root, dtype=dtype, variant=cfg.variant, cache_dir=cfg.cache_dir, taps=cfg.taps)
     _log.info("UNet encoder loaded from %s in %.1f s", root, time.perf_counter() - t0)
     vae, _ = load_vae_encoder(
         root, variant=cfg.variant, cache_dir=cfg.cache_dir,
@@ -561,6 +619,8 @@ __all__ = [
     "extract_features",
     "latent_taps",
     "load_backbone",
+    "tap_info",
+    "TapInfo",
     "preprocess_images",
 ]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -37,6 +38,7 @@ from spark_jax.backbones.checkpoint import (
     resolve_pretrained,
     weight_files,
 )
+from spark_jax.models.taps import check_taps
 from spark_jax.models.unet import UNet2DConditionModel, UNetConfig
 from spark_jax.models.vae_encoder import VAEEncoder, VAEEncoderConfig
 
@@ -237,6 +239,7 @@ def load_converted(
     aliases: Mapping[str, str] | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
+    keep: Callable[[tuple[Any, ...]], bool] | None = None,
 ) -> M:
     """Builds ``factory()`` with weights from ``component_dir``, through the conversion cache.
 
@@ -253,6 +256,9 @@ def load_converted(
       skipped_prefixes, aliases: see ``convert_checkpoint``.
       cache_dir: where converted files go (default ``default_cache_dir()``).
       use_cache: read and write the cache.
+      keep: which parameter paths to hold; the others become empty placeholders (shape ``(0,) * ndim``), so
+        a caller that runs only part of the module does not hold the rest. The checkpoint is still checked and
+        converted whole (the cache file holds every parameter); a cached load reads only the kept ones.
     """
     component_dir = Path(component_dir)
     files = weight_files(component_dir, variant=variant)
@@ -265,7 +271,7 @@ def load_converted(
         cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         digest = _cache_digest(files, component_dir / "config.json", params)
         cache_file = cache_root / "converted" / f"{component_dir.name}-{digest}.safetensors"
-        arrays = _read_cache(cache_file, params)
+        arrays = _read_cache(cache_file, params, keep)
     if arrays is None:
         arrays = convert_checkpoint(abstract, files, skipped_prefixes=skipped_prefixes, aliases=aliases)
         if cache_file is not None:
@@ -279,12 +285,16 @@ def load_converted(
         node = nested
         for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[path[-1]] = jnp.asarray(arr, dtype=dtype)
+        node[path[-1]] = (jnp.asarray(arr, dtype=dtype) if keep is None or keep(path)
+                          else jnp.zeros((0,) * arr.ndim, dtype))
     nnx.replace_by_pure_dict(state, nested)
     return nnx.merge(graphdef, state)
 
 
-def _read_cache(cache_file: Path, params: Mapping[tuple[Any, ...], Any]) -> dict[tuple[Any, ...], np.ndarray] | None:
+def _read_cache(
+    cache_file: Path, params: Mapping[tuple[Any, ...], Any], keep: Callable[[tuple[Any, ...]], bool] | None = None
+) -> dict[tuple[Any, ...], np.ndarray] | None:
+    """The cached arrays (those ``keep`` selects; the others as empty placeholders of the right rank), or None."""
     if not cache_file.is_file():
         return None
     try:
@@ -292,11 +302,16 @@ def _read_cache(cache_file: Path, params: Mapping[tuple[Any, ...], Any]) -> dict
             keys = set(f.keys())
             if keys != {_path_str(p) for p in params}:
                 return None
-            out = {p: f.get_tensor(_path_str(p)) for p in params}
+            out = {}
+            for p, spec in params.items():
+                if keep is None or keep(p):
+                    out[p] = f.get_tensor(_path_str(p))
+                    if tuple(out[p].shape) != tuple(spec.shape):
+                        return None
+                else:
+                    out[p] = np.zeros((0,) * len(spec.shape), np.float32)
     except (SafetensorError, OSError):
         return None  # damaged cache entry: reconvert and overwrite
-    if any(tuple(out[p].shape) != tuple(spec.shape) for p, spec in params.items()):
-        return None
     return out
 
 
@@ -351,19 +366,66 @@ def load_unet(
     variant: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
+    taps: Sequence[str] | None = None,
 ) -> tuple[UNet2DConditionModel, UNetConfig]:
-    """The whole UNet of a diffusers checkpoint (every key of ``unet/`` used), with its config.
+    """The whole UNet of a diffusers checkpoint (every key of ``unet/`` checked), with its config.
 
     Args:
       root: a pipeline folder, HF-cache snapshot or cached repo id (see ``resolve_pretrained``).
       dtype: parameter dtype (float32, bfloat16 or float16).
       variant, cache_dir, use_cache: see ``load_converted``.
+      taps: if given, hold only the parameters the forward reads up to the last of these taps (the rest are
+        empty placeholders: ``unet_params_for_taps``); the model then serves those taps and any earlier one.
     """
     folder = resolve_pretrained(root) / "unet"
     cfg = unet_config(folder.parent)
+    keep = None
+    if taps is not None:
+        needed = unet_params_for_taps(cfg, taps)
+        keep = needed.__contains__
     model = load_converted(abstract_module(cfg), folder, variant=variant, dtype=dtype, cache_dir=cache_dir,
-                           use_cache=use_cache)
+                           use_cache=use_cache, keep=keep)
     return model, cfg
+
+
+@functools.lru_cache(maxsize=32)
+def _params_for_taps(cfg: UNetConfig, taps: tuple[str, ...]) -> frozenset[tuple[Any, ...]]:
+    graphdef, abstract_state = abstract_module(cfg)
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    # A small latent: which parameters are read does not depend on the size (every module runs at any size).
+    side = 2 ** (len(cfg.block_out_channels) - 1)
+    sample = jax.ShapeDtypeStruct((1, side, side, cfg.in_channels), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, 2, cfg.context_dim), jnp.float32)
+    extra = ()
+    if cfg.addition_embed_type == "text_time":
+        extra = (jax.ShapeDtypeStruct((1, cfg.text_embeds_dim), jnp.float32), jax.ShapeDtypeStruct((1, 6), jnp.float32))
+
+    def forward(state, sample, context, *extra):
+        return nnx.merge(graphdef, state)(sample, jnp.zeros((), jnp.float32), context, *extra, taps=taps)
+
+    closed = jax.make_jaxpr(forward)(abstract_state, sample, context, *extra)
+    # Parameters enter the program as its first inputs, in the state's flattening order; a parameter of a module
+    # after the last requested tap is never traced (the forward stops there), so no equation reads it.
+    read = {v for eqn in closed.jaxpr.eqns for v in eqn.invars if isinstance(v, jax_core.Var)}
+    read |= {v for v in closed.jaxpr.outvars if isinstance(v, jax_core.Var)}
+    paths = []
+    for (keypath, _), var in zip(leaves, closed.jaxpr.invars[: len(leaves)]):
+        if var in read:  # key path of the state leaf minus the Variable's own `.value`
+            paths.append(tuple(k.key if hasattr(k, "key") else k.idx for k in keypath
+                               if not isinstance(k, jax.tree_util.GetAttrKey)))
+    return frozenset(paths)
+
+
+def unet_params_for_taps(cfg: UNetConfig, taps: Sequence[str]) -> frozenset[tuple[Any, ...]]:
+    """The parameter paths (as ``load_converted``'s ``keep`` sees them) the forward reads to serve ``taps``.
+
+    Read off the traced program (shapes only, nothing computed): the forward stops after the last requested tap,
+    so the parameters of every later module are absent from it.
+
+    Raises:
+      UnknownTapError: a name that is not a tap of this UNet.
+    """
+    return _params_for_taps(cfg, check_taps(taps, cfg.tap_names()))
 
 
 def load_vae_encoder(
