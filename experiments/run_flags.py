@@ -48,14 +48,16 @@ flags.DEFINE_enum("backbone", "auto", list(BACKBONES),
                   "checkpoint exists); ssd1b; handcrafted (weights-free demo/CI backbone, not the paper's).")
 flags.DEFINE_string("checkpoint", None, "Diffusers folder of SSD-1B (default: the local HF cache entry of "
                     "segmind/SSD-1B if present).")
-flags.DEFINE_integer("resolution", None, "Backbone input side (default 1024 for SSD-1B, 256 for handcrafted; "
-                     "the token grid follows from it).")
+flags.DEFINE_integer("resolution", None, "Backbone input side (default: the method's own on a diffusion backbone, "
+                     "DiffSeg's 512; else 1024; 256 for handcrafted; the token grid follows from it).")
 _B = BackboneConfig()
-flags.DEFINE_integer("timestep", _B.timestep, "Diffusion backbone: timestep t of the forward noising (the papers: 50).")
+flags.DEFINE_integer("timestep", None, f"Diffusion backbone: timestep t of the UNet call (default: the method's own, "
+                     f"DiffSeg's 300; else {_B.timestep}, SPARK's and DiffCut's).")
 flags.DEFINE_integer("seed", _B.seed, "Diffusion backbone: seed of the noise shared by every image (the papers: 42).")
-flags.DEFINE_enum("noise_source", _B.noise_source, list(NOISE_SOURCES),
+flags.DEFINE_enum("noise_source", None, list(NOISE_SOURCES),
                   "Diffusion backbone noise: jax (JAX's generator), torch (torch's CPU generator; DiffCut drew on "
-                  "CUDA, which differs), file (--noise_file).")
+                  "CUDA, which differs), file (--noise_file), none (the clean latent, DiffSeg's). Default: the "
+                  f"method's own (DiffSeg: none), else {_B.noise_source}.")
 flags.DEFINE_string("noise_file", None, "Diffusion backbone: .npy of the noise in torch's layout [1, 4, h, w] "
                     "(e.g. DiffCut's CUDA draw saved once); needs --noise_source=file.")
 flags.DEFINE_enum("unet_dtype", _B.unet_dtype, ["float32", "bfloat16", "float16"],

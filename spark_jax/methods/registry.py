@@ -25,6 +25,7 @@ import jax
 from spark_jax.masks.upsample import concept_assignment
 
 __all__ = [
+    "DIFFUSION_DEFAULT_FIELDS",
     "REGISTRY",
     "UPSAMPLINGS",
     "Method",
@@ -43,6 +44,8 @@ __all__ = [
 
 # Token labels -> masks: SPARK's bilinear upsampling of its soft labels, or DiffCut's concept assignment.
 UPSAMPLINGS = ("soft_labels", "concept")
+# The RunConfig fields of the diffusion backbone a method's spec may default (MethodSpec.diffusion_defaults).
+DIFFUSION_DEFAULT_FIELDS = ("resolution", "timestep", "noise_source")
 
 
 class MethodInputs(NamedTuple):
@@ -130,6 +133,10 @@ class MethodSpec:
         variants: extra comparison rows, ``{row name: Variant}``.
         metrics: ``resolved config -> extra top-level metrics.json entries`` (SPARK's ``spark_preset``).
         source: the module documenting the config, named in the flags' help.
+        diffusion_defaults: the diffusion backbone's settings of the method's published setup, by
+            :class:`~spark_jax.runner.RunConfig` field (keys among :data:`DIFFUSION_DEFAULT_FIELDS`; DiffSeg:
+            ``{"resolution": 512, "timestep": 300, "noise_source": "none"}``). A run uses them where its config
+            leaves the field unset (None); an explicit value (a flag) wins. The handcrafted backbone ignores them.
     """
 
     name: str
@@ -149,6 +156,7 @@ class MethodSpec:
     variants: Mapping[str, Variant] = dataclasses.field(default_factory=dict)
     metrics: Callable[[Any], dict[str, Any]] | None = None
     source: str = ""
+    diffusion_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and self.name.isidentifier()):
@@ -163,6 +171,10 @@ class MethodSpec:
         if bad or self.upsampling not in self.upsamplings:
             raise ValueError(f"method {self.name!r}: upsamplings must be among {UPSAMPLINGS} and hold the default "
                              f"upsampling, got {self.upsamplings!r} and {self.upsampling!r}")
+        bad = sorted(set(self.diffusion_defaults) - set(DIFFUSION_DEFAULT_FIELDS))
+        if bad:
+            raise ValueError(f"method {self.name!r}: diffusion_defaults may set {DIFFUSION_DEFAULT_FIELDS}, got "
+                             f"{bad}")
         if not self.diagnostics or not all(isinstance(d, str) for d in self.diagnostics):
             raise ValueError(f"method {self.name!r}: diagnostics must name the diagnostics its method returns")
 

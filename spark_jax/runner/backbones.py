@@ -111,7 +111,7 @@ def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone:
         return ResolvedBackbone(HandcraftedBackbone(hc), key, f"handcrafted (weights-free demo backbone), {hc}", kind)
     if not os.path.isdir(checkpoint):
         raise BackboneNotFoundError(f"--checkpoint={checkpoint!r} is not a folder. " + _HOW_TO_GET_SSD1B)
-    bcfg = cfg.backbone_config(cfg.resolution or 1024)
+    bcfg = cfg.backbone_config(cfg.diffusion_setting("resolution"))  # the method's own where cfg gives none
     noise = "" if bcfg.noise_file is None else _file_digest(bcfg.noise_file)  # the draw, not just its path
     key = "diffusion-" + digest(os.path.abspath(checkpoint) + repr(bcfg) + noise)
     return ResolvedBackbone(load_backbone(checkpoint, bcfg), key, f"diffusion backbone from {checkpoint}, {bcfg}",

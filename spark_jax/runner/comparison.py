@@ -85,11 +85,13 @@ def run_dir(output_dir: str, dataset: str, method: str, pamr: bool) -> str:
 
 
 def _backbone(cfg: RunConfig, loaded: dict[str, ResolvedBackbone]) -> ResolvedBackbone:
-    """The backbone ``cfg`` selects, loaded once per kind for the whole comparison."""
+    """The backbone ``cfg`` selects, loaded once per kind and diffusion settings for the whole comparison (a method
+    with settings of its own, DiffSeg's 512 px / t = 300 / no noise, gets its own diffusion backbone)."""
     kind, _ = backbone_kind(cfg)  # raises BackboneNotFoundError with the download instructions
-    if kind not in loaded:
-        loaded[kind] = resolve_backbone(dataclasses.replace(cfg, backbone=kind))
-    return loaded[kind]
+    key = kind if kind == "handcrafted" else f"{kind}:{cfg.backbone_config(cfg.diffusion_setting('resolution'))!r}"
+    if key not in loaded:
+        loaded[key] = resolve_backbone(dataclasses.replace(cfg, backbone=kind))
+    return loaded[key]
 
 
 def compare(
@@ -155,7 +157,7 @@ def compare(
                 out = run_dir(output_dir, name, method, pamr)
                 rcfg = dataclasses.replace(cfg, method=entry.method, method_config=config, pamr=pamr,
                                            output_dir=out, upsampling=None)
-                m = run(rcfg, dataset=ds, backbone=backbone, quiet=quiet)
+                m = run(rcfg, dataset=ds, backbone=_backbone(rcfg, loaded), quiet=quiet)
                 t = m["clustering_seconds_per_image"]
                 log(f"{name} / {method} / PAMR {'on ' if pamr else 'off'}: mIoU {100 * m['miou']:5.1f}  "
                     f"clustering {1e3 * (t['median'] or math.nan):7.1f} ms/image (median)  [{out}]")

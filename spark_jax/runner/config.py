@@ -32,7 +32,8 @@ class RunConfig:
         backbone: ``auto`` (SSD-1B from ``checkpoint`` or the Hugging Face cache; the handcrafted backbone only for
             the demo when no checkpoint exists), ``ssd1b`` or ``handcrafted``.
         checkpoint: a diffusers folder of SSD-1B (or another SDXL-family model).
-        resolution: side of the backbone's input; None: 1024 for SSD-1B, 256 for the handcrafted backbone.
+        resolution: side of the backbone's input; None: the method's own on a diffusion backbone (its spec's
+            ``diffusion_defaults``: 512 for DiffSeg), else 1024; 256 for the handcrafted backbone.
         mask_size: side of the predicted and scored label maps (128 in the reference).
         batch_size: images per backbone / method call.
         output_dir: where results go.
@@ -60,7 +61,9 @@ class RunConfig:
             vectors; counted in ``metrics.json``) instead of stopping with the count and the likely cause.
         timestep, seed, noise_source, noise_file, unet_dtype: the diffusion backbone's settings
             (:class:`spark_jax.backbones.diffusion.BackboneConfig`, the reference pipeline's defaults); unused by the
-            handcrafted backbone.
+            handcrafted backbone. ``timestep`` and ``noise_source`` None: the method's own (its spec's
+            ``diffusion_defaults``: DiffSeg's 300 and ``none``), else BackboneConfig's (50, ``jax``); the run
+            records the values used.
         backbone_precision: the diffusion backbone's ``BackboneConfig.matmul_precision`` (``highest``: exact).
     """
 
@@ -85,9 +88,9 @@ class RunConfig:
     pamr_config: PamrConfig = PamrConfig()
     on_bad_sample: str = "fail"
     allow_nonfinite_features: bool = False
-    timestep: int = BackboneConfig.timestep
+    timestep: int | None = None
     seed: int = BackboneConfig.seed
-    noise_source: str = BackboneConfig.noise_source
+    noise_source: str | None = None
     noise_file: str | None = None
     unet_dtype: str = BackboneConfig.unet_dtype
     backbone_precision: str = BackboneConfig.matmul_precision
@@ -120,10 +123,19 @@ class RunConfig:
         if self.method_config is not None:
             spec.validate(self.method_config)
 
+    def diffusion_setting(self, name: str) -> Any:
+        """A diffusion backbone setting (``timestep``, ``noise_source``, ``resolution``) as the run uses it: the
+        explicit value, else the method's (``spec.diffusion_defaults``), else BackboneConfig's (resolution 1024)."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        fallback = 1024 if name == "resolution" else getattr(BackboneConfig, name)
+        return self.spec.diffusion_defaults.get(name, fallback)
+
     def backbone_config(self, resolution: int) -> BackboneConfig:
         """The diffusion backbone's settings at ``resolution``."""
-        return BackboneConfig(resolution=resolution, timestep=self.timestep, seed=self.seed,
-                              noise_source=self.noise_source, noise_file=self.noise_file,
+        return BackboneConfig(resolution=resolution, timestep=self.diffusion_setting("timestep"), seed=self.seed,
+                              noise_source=self.diffusion_setting("noise_source"), noise_file=self.noise_file,
                               unet_dtype=self.unet_dtype, matmul_precision=self.backbone_precision)
 
     @property
@@ -148,4 +160,5 @@ class RunConfig:
         run of one method never depends on another method's settings, and a resumed run compares what matters."""
         d = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as a reloaded file has them
         d["upsampling"] = self.resolved_upsampling
+        d["timestep"], d["noise_source"] = self.diffusion_setting("timestep"), self.diffusion_setting("noise_source")
         return d
