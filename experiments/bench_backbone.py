@@ -226,12 +226,14 @@ def _jax_extractor(root: Path, size: int):
     import jax.numpy as jnp
 
     from spark_jax.backbones.diffusion import Backbone, BackboneConfig, Conditioning
-    from spark_jax.models.convert import load_unet, load_vae_encoder
+    from spark_jax.models.convert import load_unet, load_vae_encoder, unet_config
     from spark_jax.backbones.conditioning import load_alphas_cumprod, shared_noise
 
-    cfg = BackboneConfig(resolution=size, cache_dir=str(root / "cache"))
+    # As the runner loads it for SPARK: only the parameters up to the feature tap (BackboneConfig.taps).
+    taps = (unet_config(root).feature_tap,)
+    cfg = BackboneConfig(resolution=size, cache_dir=str(root / "cache"), taps=taps)
     t0 = time.perf_counter()
-    unet, unet_cfg = load_unet(root, cache_dir=cfg.cache_dir)
+    unet, unet_cfg = load_unet(root, cache_dir=cfg.cache_dir, taps=taps)
     vae, vae_cfg = load_vae_encoder(root, cache_dir=cfg.cache_dir)
     load_s = time.perf_counter() - t0
     ctx, pooled, ids = (jnp.asarray(a) for a in _conditioning(size))
@@ -240,8 +242,7 @@ def _jax_extractor(root: Path, size: int):
         alpha_bar=jnp.asarray(load_alphas_cumprod(root)[TIMESTEP], jnp.float32),
         encoder_hidden_states=ctx, text_embeds=pooled, time_ids=ids,
     )
-    backbone = Backbone(unet, vae, cond, cfg, unet_cfg, vae_cfg)
-    taps = (backbone.feature_tap,)  # SPARK's default request, as the runner makes it
+    backbone = Backbone(unet, vae, cond, cfg, unet_cfg, vae_cfg)  # SPARK's default request, as the runner makes it
 
     def extract(images):
         return jax.block_until_ready(backbone.extract(images, taps)[taps[0]])
