@@ -3,13 +3,15 @@ one; and how its features are identified in the feature cache and in ``run_confi
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import os
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from spark_jax.backbones.diffusion import load_backbone
+from spark_jax.backbones.diffusion import load_backbone, tap_info
 from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
 from spark_jax.models.taps import UnknownTapError
 from spark_jax.runner.errors import BackboneNotFoundError
@@ -97,9 +99,13 @@ def backbone_kind(cfg: RunConfig) -> tuple[str, str | None]:
     return kind, checkpoint
 
 
-def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone:
+def resolve_backbone(cfg: RunConfig, *, only_method_taps: bool = True) -> ResolvedBackbone:
     """Loads the backbone ``cfg`` selects (see :class:`RunConfig`); pass it to several :func:`run` calls to load
     a checkpoint once.
+
+    With ``only_method_taps`` (the default) a diffusion backbone holds only the UNet parameters the selected
+    method's taps need (``BackboneConfig.taps``: SPARK's feature tap needs the down blocks up to it, a third of
+    SSD-1B's UNet); pass False to hold the whole UNet, e.g. to serve several methods (``compare``).
 
     Raises:
         BackboneNotFoundError: no checkpoint where one is needed; the message says how to get SSD-1B.
@@ -113,7 +119,10 @@ def resolve_backbone(cfg: RunConfig) -> ResolvedBackbone:
         raise BackboneNotFoundError(f"--checkpoint={checkpoint!r} is not a folder. " + _HOW_TO_GET_SSD1B)
     bcfg = cfg.backbone_config(cfg.diffusion_setting("resolution"))  # the method's own where cfg gives none
     noise = "" if bcfg.noise_file is None else _file_digest(bcfg.noise_file)  # the draw, not just its path
-    key = "diffusion-" + digest(os.path.abspath(checkpoint) + repr(bcfg) + noise)
+    key = "diffusion-" + digest(os.path.abspath(checkpoint) + repr(bcfg) + noise)  # before `taps`: same features
+    if only_method_taps:
+        taps = cfg.spec.taps(cfg.resolved(kind).method_config, tap_info(checkpoint, bcfg))
+        bcfg = dataclasses.replace(bcfg, taps=tuple(dict.fromkeys(taps)))
     return ResolvedBackbone(load_backbone(checkpoint, bcfg), key, f"diffusion backbone from {checkpoint}, {bcfg}",
                             kind)
 

@@ -90,7 +90,7 @@ def _backbone(cfg: RunConfig, loaded: dict[str, ResolvedBackbone]) -> ResolvedBa
     kind, _ = backbone_kind(cfg)  # raises BackboneNotFoundError with the download instructions
     key = kind if kind == "handcrafted" else f"{kind}:{cfg.backbone_config(cfg.diffusion_setting('resolution'))!r}"
     if key not in loaded:
-        loaded[key] = resolve_backbone(dataclasses.replace(cfg, backbone=kind))
+        loaded[key] = resolve_backbone(dataclasses.replace(cfg, backbone=kind), only_method_taps=False)  # every method
     return loaded[key]
 
 
