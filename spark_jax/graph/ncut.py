@@ -3,6 +3,12 @@
 The baseline SPARK claims to beat, on the same token features. One jittable, vmappable
 function: `recursive_ncut(features [h, w, C], cfg) -> NCutResult`.
 
+The cutting machinery takes any symmetric non-negative affinity and is shared with the other NCut
+methods (`spark_jax.methods.rwncut`, on attention): `best_bipartition` (one two-way cut),
+`grow_cut_tree` (the recursion, its tree and every visited node's NCut value), `prune_cut_tree`
+(the tree a lower threshold gives, without new eigendecompositions), `cut_tree_result` (labels and
+counts); `recursive_ncut_affinity` is the three with a constant threshold.
+
 The algorithm, with the conventions of DiffCut's released code (`recursive_normalized_cut.py`,
 MIT licence), which the paper leaves implicit:
 
@@ -365,11 +371,158 @@ def best_bipartition(
     )
 
 
-class _LoopState(NamedTuple):
-    node: jax.Array  # int32 [N], slot of the tree node holding each token
-    pos_child: jax.Array  # int32 [S], slot of each node's {y > t} child ({y <= t}: one less); -1: leaf
-    head: jax.Array  # int32 [], next node to visit (= eigensolves so far)
-    tail: jax.Array  # int32 [], nodes created
+class CutTree(NamedTuple):
+    """The recursion tree of a two-way NCut recursion, in static-shape slots (add a leading batch axis when
+    batched).
+
+    Slot 0 is the root; an accepted split of slot s puts its {y <= t} side in slot `pos_child[s] - 1` and its
+    {y > t} side in `pos_child[s]`; children have higher slots than their parent (breadth-first creation).
+
+    Attributes:
+      node: int32 [N], the slot of the leaf holding each token.
+      pos_child: int32 [S], the {y > t} child of each split slot; -1 for leaves and unused slots.
+      ncut: float32 [S], the best NCut value of each visited slot (inf for unvisited slots and for segments of
+        fewer than two tokens).
+      num_nodes: int32 [], slots in use.
+      num_visited: int32 [], slots visited (one eigendecomposition each).
+    """
+
+    node: jax.Array
+    pos_child: jax.Array
+    ncut: jax.Array
+    num_nodes: jax.Array
+    num_visited: jax.Array
+
+
+def grow_cut_tree(w: jax.Array, cfg: NCutConfig, tau: float | jax.Array | None = None) -> CutTree:
+    """The recursion tree of two-way NCuts on a given affinity W [N, N] (DiffCut Algorithm 1, steps 3-4).
+
+    A segment is cut at its best bipartition (`best_bipartition`) when that cut's NCut value is below `tau`, and
+    both sides are visited in turn, breadth first, until no segment is left to cut or `cfg.max_segments` leaves
+    exist.
+
+    Args:
+      w: affinity [N, N], symmetric, non-negative: any graph (DiffCut's Eq. 3, a random-walk adjacency, ...).
+      cfg: the threshold grid, the segment bound, the solver and the zero-row rule (`alpha` and
+        `segment_codes` are not used here).
+      tau: the acceptance threshold; None: `cfg.tau`.
+    """
+    n = w.shape[0]
+    w = w.astype(jnp.float32)
+    tau = cfg.tau if tau is None else tau
+    max_segments = n if cfg.max_segments is None else min(cfg.max_segments, n)
+    num_slots = 2 * max_segments - 1  # nodes of a tree with max_segments leaves
+    if cfg.exclude_zero_affinity_nodes:
+        zero_row = jnp.any(w == 0, axis=1)
+    else:
+        zero_row = jnp.zeros((n,), bool)
+
+    def cond(tree: CutTree):
+        return (tree.num_visited < tree.num_nodes) & ((tree.num_nodes + 1) // 2 < max_segments)
+
+    def body(tree: CutTree) -> CutTree:
+        head, tail = tree.num_visited, tree.num_nodes
+        in_segment = tree.node == head
+        # The released code drops zero-row tokens from every eigenproblem below the root.
+        active = in_segment & ~(zero_row & (head > 0))
+        cut = best_bipartition(
+            w,
+            active,
+            threshold_scale=cfg.threshold_scale,
+            num_thresholds=cfg.num_thresholds,
+            eigensolver=cfg.eigensolver,
+            lobpcg_iterations=cfg.lobpcg_iterations,
+        )
+        split = cut.ncut < tau
+        # Children {y <= t} -> slot tail, {y > t} -> tail + 1 (tail + 1 < num_slots while the
+        # loop runs: tail = 2 L - 1 with L < max_segments).
+        child = jnp.where(cut.side, tail + 1, tail)
+        return CutTree(
+            node=jnp.where(split & in_segment, child, tree.node),
+            pos_child=tree.pos_child.at[head].set(jnp.where(split, tail + 1, -1)),
+            ncut=tree.ncut.at[head].set(cut.ncut),
+            num_nodes=tail + 2 * split.astype(jnp.int32),
+            num_visited=head + 1,
+        )
+
+    init = CutTree(
+        node=jnp.zeros((n,), jnp.int32),
+        pos_child=jnp.full((num_slots,), -1, jnp.int32),
+        ncut=jnp.full((num_slots,), jnp.inf, jnp.float32),
+        num_nodes=jnp.int32(1),
+        num_visited=jnp.int32(0),
+    )
+    return jax.lax.while_loop(cond, body, init)
+
+
+def prune_cut_tree(tree: CutTree, tau: float | jax.Array) -> tuple[CutTree, jax.Array]:
+    """The tree `grow_cut_tree` would have grown with the lower threshold `tau`, read off a grown tree.
+
+    A split is kept when its NCut value is below `tau` and every ancestor's split is kept: a segment's best cut
+    depends on its tokens alone, so this is exactly the recursion run again with `tau`, without its
+    eigendecompositions, unless the grown tree stopped at `max_segments` (then an unvisited leaf of the pruned
+    tree might have been cut).
+
+    Returns:
+      (the pruned tree, whose `num_visited` counts its visited slots; True where a leaf of the pruned tree was
+      never visited, i.e. the pruned tree is truncated).
+    """
+    num_slots = tree.pos_child.shape[0]
+    is_split = tree.pos_child >= 0
+    slots = jnp.arange(num_slots)
+    # Out-of-range indices (num_slots) for leaves: their scatters are dropped.
+    pos = jnp.where(is_split, tree.pos_child, num_slots)
+    neg = jnp.where(is_split, tree.pos_child - 1, num_slots)
+    parent = jnp.full((num_slots,), -1, jnp.int32).at[pos].set(slots, mode="drop").at[neg].set(slots, mode="drop")
+
+    def down(s, carry):  # parents before children: slots in ascending order
+        kept, leaf_of, reached = carry
+        p = parent[s]
+        reached_s = (s == 0) | ((p >= 0) & kept[jnp.maximum(p, 0)])
+        reached = reached.at[s].set(reached_s)
+        kept = kept.at[s].set(reached_s & is_split[s] & (tree.ncut[s] < tau))
+        leaf_of = leaf_of.at[s].set(jnp.where(reached_s, s, leaf_of[jnp.maximum(p, 0)]))
+        return kept, leaf_of, reached
+
+    false = jnp.zeros((num_slots,), bool)
+    kept, leaf_of, reached = jax.lax.fori_loop(
+        0, tree.num_nodes, down, (false, jnp.zeros((num_slots,), jnp.int32), false)
+    )
+    leaves = reached & ~kept
+    pruned = CutTree(
+        node=leaf_of[tree.node],
+        pos_child=jnp.where(kept, tree.pos_child, -1),
+        ncut=jnp.where(reached, tree.ncut, jnp.inf),
+        num_nodes=tree.num_nodes,
+        num_visited=jnp.sum(reached & (slots < tree.num_visited)).astype(jnp.int32),
+    )
+    return pruned, jnp.any(leaves & (slots >= tree.num_visited))
+
+
+def cut_tree_result(tree: CutTree, cfg: NCutConfig, truncated: jax.Array | None = None) -> NCutResult:
+    """NCutResult (flat labels [N], numbered as the released code numbers them) of a recursion tree.
+
+    Args:
+      tree: from `grow_cut_tree` (or `prune_cut_tree`).
+      cfg: its `segment_codes` and `max_segments`.
+      truncated: whether the tree stopped at `max_segments`; None: read off the tree (slots left unvisited).
+    """
+    n = tree.node.shape[0]
+    max_segments = n if cfg.max_segments is None else min(cfg.max_segments, n)
+    num_segments = jnp.sum(tree.pos_child >= 0).astype(jnp.int32) + 1
+    labels = released_segment_labels(tree.node, tree.pos_child, tree.num_nodes, cfg.segment_codes)
+    present = jnp.zeros((max_segments,), bool).at[labels].set(True)
+    if truncated is None:
+        # Segments left unvisited once every token is its own segment can't be cut anyway.
+        truncated = (tree.num_visited < tree.num_nodes) & (num_segments < n)
+    return NCutResult(
+        labels=labels,
+        num_segments=num_segments,
+        num_labels=jnp.sum(present).astype(jnp.int32),
+        num_eigensolves=tree.num_visited,
+        truncated=truncated,
+        num_nonfinite_tokens=jnp.int32(0),
+    )
 
 
 def recursive_ncut_affinity(w: jax.Array, cfg: NCutConfig) -> NCutResult:
@@ -383,62 +536,7 @@ def recursive_ncut_affinity(w: jax.Array, cfg: NCutConfig) -> NCutResult:
     Returns:
       NCutResult with flat labels int32 [N], numbered as the released code numbers them.
     """
-    n = w.shape[0]
-    w = w.astype(jnp.float32)
-    max_segments = n if cfg.max_segments is None else min(cfg.max_segments, n)
-    num_slots = 2 * max_segments - 1  # nodes of a tree with max_segments leaves
-    if cfg.exclude_zero_affinity_nodes:
-        zero_row = jnp.any(w == 0, axis=1)
-    else:
-        zero_row = jnp.zeros((n,), bool)
-
-    def num_segments(state: _LoopState) -> jax.Array:
-        return (state.tail + 1) // 2
-
-    def cond(state: _LoopState):
-        return (state.head < state.tail) & (num_segments(state) < max_segments)
-
-    def body(state: _LoopState) -> _LoopState:
-        in_segment = state.node == state.head
-        # The released code drops zero-row tokens from every eigenproblem below the root.
-        active = in_segment & ~(zero_row & (state.head > 0))
-        cut = best_bipartition(
-            w,
-            active,
-            threshold_scale=cfg.threshold_scale,
-            num_thresholds=cfg.num_thresholds,
-            eigensolver=cfg.eigensolver,
-            lobpcg_iterations=cfg.lobpcg_iterations,
-        )
-        split = cut.ncut < cfg.tau
-        # Children {y <= t} -> slot tail, {y > t} -> tail + 1 (tail + 1 < num_slots while the
-        # loop runs: tail = 2 L - 1 with L < max_segments).
-        child = jnp.where(cut.side, state.tail + 1, state.tail)
-        return _LoopState(
-            node=jnp.where(split & in_segment, child, state.node),
-            pos_child=state.pos_child.at[state.head].set(jnp.where(split, state.tail + 1, -1)),
-            head=state.head + 1,
-            tail=state.tail + 2 * split.astype(jnp.int32),
-        )
-
-    init = _LoopState(
-        node=jnp.zeros((n,), jnp.int32),
-        pos_child=jnp.full((num_slots,), -1, jnp.int32),
-        head=jnp.int32(0),
-        tail=jnp.int32(1),
-    )
-    final = jax.lax.while_loop(cond, body, init)
-    labels = released_segment_labels(final.node, final.pos_child, final.tail, cfg.segment_codes)
-    present = jnp.zeros((max_segments,), bool).at[labels].set(True)
-    return NCutResult(
-        labels=labels,
-        num_segments=num_segments(final),
-        num_labels=jnp.sum(present).astype(jnp.int32),
-        num_eigensolves=final.head,
-        # Segments left unvisited once every token is its own segment can't be cut anyway.
-        truncated=(final.head < final.tail) & (num_segments(final) < n),
-        num_nonfinite_tokens=jnp.int32(0),
-    )
+    return cut_tree_result(grow_cut_tree(w, cfg), cfg)
 
 
 def released_segment_labels(
