@@ -464,8 +464,8 @@ def prune_cut_tree(tree: CutTree, tau: float | jax.Array) -> tuple[CutTree, jax.
     tree might have been cut).
 
     Returns:
-      (the pruned tree, whose `num_visited` counts its visited slots; True where a leaf of the pruned tree was
-      never visited, i.e. the pruned tree is truncated).
+      (the pruned tree, whose `num_visited` counts its slots visited while growing; True when a leaf of the
+      pruned tree holding two tokens or more was never visited, i.e. the pruned tree is truncated).
     """
     num_slots = tree.pos_child.shape[0]
     is_split = tree.pos_child >= 0
@@ -489,14 +489,18 @@ def prune_cut_tree(tree: CutTree, tau: float | jax.Array) -> tuple[CutTree, jax.
         0, tree.num_nodes, down, (false, jnp.zeros((num_slots,), jnp.int32), false)
     )
     leaves = reached & ~kept
+    node = leaf_of[tree.node]
+    # A single-token leaf can't be cut: left unvisited (the grown tree stopped at one token per segment), it is
+    # no truncation.
+    tokens = jnp.zeros((num_slots,), jnp.int32).at[node].add(1)
     pruned = CutTree(
-        node=leaf_of[tree.node],
+        node=node,
         pos_child=jnp.where(kept, tree.pos_child, -1),
         ncut=jnp.where(reached, tree.ncut, jnp.inf),
         num_nodes=tree.num_nodes,
         num_visited=jnp.sum(reached & (slots < tree.num_visited)).astype(jnp.int32),
     )
-    return pruned, jnp.any(leaves & (slots >= tree.num_visited))
+    return pruned, jnp.any(leaves & (slots >= tree.num_visited) & (tokens >= 2))
 
 
 def cut_tree_result(tree: CutTree, cfg: NCutConfig, truncated: jax.Array | None = None) -> NCutResult:
