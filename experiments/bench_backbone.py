@@ -60,6 +60,12 @@ attention blocked per head and per 1024 queries (models/attention.py; 1.4-3.9x f
 and VAE's shapes, see experiments/bench_attention.py) and the extractor compiled with XLA:CPU's
 YNNPACK fusions off (backbone.py; VAE 5.6 vs 7.1 s at 512 px).
 
+The whole-UNet port against the truncated encoder it replaced (2026-12-02, ``--sizes=512 --paths=jax_baseline,jax
+--repeats=6 --baseline_checkout=<worktree at 2a42855>``, idle machine): jax_baseline 4.75 s, jax 4.59 s (the
+feature tap of a backbone loaded with ``BackboneConfig.taps``), ratio 1.03 (rounds 1.38, 1.01, 0.97, 1.06, 1.04,
+1.02); RSS after load 1.95 / 1.97 GB, peak 3.06 / 3.12 GB. Holding the whole UNet instead (no ``taps``, a run under
+load): peak 8.94 GB against 3.19.
+
 The first run writes ~6 GB of random weights to --workdir (reused afterwards). Expect several
 minutes per size at 1024 px on a 2-core CPU.
 """
