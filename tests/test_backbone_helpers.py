@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import chex
 import numpy as np
 
 from unet_forms import FORMS, context_dim, perturb  # noqa: F401  (perturb: re-exported for the tests that import it here)
@@ -147,3 +148,16 @@ def hooked_unet_features(unet, sample: np.ndarray, t: int, context: np.ndarray, 
     b, _, h, w = sample.shape
     side = int(round((out.shape[1] * h / w) ** 0.5))
     return out.reshape(b, side, out.shape[1] // side, out.shape[2])
+
+
+PARITY_REL_TOL = 1e-4  # the parity bound of every model test: max abs error <= 1e-4 of max |reference|
+
+
+def assert_parity(ours, ref, rel_tol=PARITY_REL_TOL):
+    """Max abs error of ``ours`` against ``ref`` within ``rel_tol`` of max |ref| (same shapes)."""
+    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+    chex.assert_equal_shape([ours, ref])
+    scale = float(np.abs(ref).max())
+    assert scale > 0
+    err = float(np.abs(ours - ref).max())
+    assert err <= rel_tol * scale, f"max abs error {err:.3g} > {rel_tol:g} x scale {scale:.3g}"

@@ -19,6 +19,7 @@ import diffusers  # noqa: E402
 from test_backbone_helpers import (  # noqa: E402
     SD1_UNET,
     SDXL_UNET,
+    assert_parity,
     build_tiny_pipeline,
     hooked_unet_features,
     perturb,
@@ -28,17 +29,6 @@ from experiments.bench_backbone import SSD1B_UNET  # noqa: E402  (the one recons
 from spark_jax.models.convert import load_unet, load_vae_encoder  # noqa: E402
 from spark_jax.backbones.conditioning import add_noise, load_alphas_cumprod, prompt_embeddings  # noqa: E402
 from spark_jax.models.embeddings import timestep_embedding  # noqa: E402
-
-REL_TOL = 1e-4
-
-
-def assert_parity(ours, ref, rel_tol=REL_TOL):
-    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-    chex.assert_equal_shape([ours, ref])
-    scale = float(np.abs(ref).max())
-    assert scale > 0
-    err = float(np.abs(ours - ref).max())
-    assert err <= rel_tol * scale, f"max abs error {err:.3g} > {rel_tol:g} x scale {scale:.3g}"
 
 
 @pytest.fixture(scope="session")

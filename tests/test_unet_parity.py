@@ -29,6 +29,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import torch  # noqa: E402  (oracles are imported plainly: see conftest)
+from test_backbone_helpers import assert_parity
 from unet_forms import FORMS, INPUTS, build_unet, form_inputs, random_inputs, save_unet, torch_noise_prediction
 
 from experiments.bench_backbone import SSD1B_UNET  # noqa: E402  (the one reconstruction of SSD-1B's config)
@@ -46,17 +47,7 @@ from spark_jax.models.unet_2d_blocks import (
     UpBlock2D,
 )
 
-REL_TOL = 1e-4
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def assert_parity(ours, ref, rel_tol=REL_TOL):
-    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-    chex.assert_equal_shape([ours, ref])
-    scale = float(np.abs(ref).max())
-    assert scale > 0
-    err = float(np.abs(ours - ref).max())
-    assert err <= rel_tol * scale, f"max abs error {err:.3g} > {rel_tol:g} x scale {scale:.3g}"
 
 
 @pytest.fixture(scope="module")
