@@ -216,3 +216,25 @@ def test_a_method_returning_undeclared_diagnostics_is_named(tmp_path):
             run(tiny(tmp_path, method="liar", limit=1), dataset=TinyDemo(1), quiet=True)
     finally:
         unregister("liar")
+
+
+def test_a_method_can_keep_its_taps_out_of_the_feature_cache(tmp_path):
+    import glob
+
+    uncached = dataclasses.replace(SIGN, name="sign_uncached", flag_prefix="sign_uncached_", cache_taps=False)
+    register(SIGN)
+    register(uncached)
+    try:
+        cache = str(tmp_path / "cache")
+        run(tiny(tmp_path / "a", method="sign", feature_cache=cache), dataset=TinyDemo(2), quiet=True)
+        cached = glob.glob(os.path.join(cache, "**", "*.npz"), recursive=True)
+        assert len(cached) == 2
+        m = run(tiny(tmp_path / "b", method="sign_uncached", feature_cache=cache), dataset=TinyDemo(2), quiet=True)
+        assert m["num_images_scored"] == 2
+        assert sorted(glob.glob(os.path.join(cache, "**", "*.npz"), recursive=True)) == sorted(cached)
+    finally:
+        unregister("sign_uncached")
+        unregister("sign")
+    from spark_jax.methods.diffseg import SPEC as DIFFSEG
+
+    assert DIFFSEG.cache_taps is False  # its 16 attention maps: ~341 MB per image at 512 px

@@ -436,4 +436,6 @@ SPEC = MethodSpec(
     check=DiffSegConfig.check_values,
     source="spark_jax/methods/diffseg.py",
     diffusion_defaults={"resolution": 512, "timestep": 300, "noise_source": "none"},
+    # 16 [N, N] maps per image (341 MB at SD 1.x 512 px): a cache of them would outgrow any disk on a benchmark.
+    cache_taps=False,
 )

@@ -137,6 +137,8 @@ class MethodSpec:
             :class:`~spark_jax.runner.RunConfig` field (keys among :data:`DIFFUSION_DEFAULT_FIELDS`; DiffSeg:
             ``{"resolution": 512, "timestep": 300, "noise_source": "none"}``). A run uses them where its config
             leaves the field unset (None); an explicit value (a flag) wins. The handcrafted backbone ignores them.
+        cache_taps: whether the runner's feature cache stores this method's taps. False for taps too large to keep
+            per image (DiffSeg's 16 attention maps: ~341 MB per image at 512 px); the backbone then runs every time.
     """
 
     name: str
@@ -157,6 +159,7 @@ class MethodSpec:
     metrics: Callable[[Any], dict[str, Any]] | None = None
     source: str = ""
     diffusion_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    cache_taps: bool = True
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and self.name.isidentifier()):

@@ -17,8 +17,9 @@ center-cropped, resized image -> the method's token labels, upsampled to the 128
 background merge (VOC, Context, COCO-Object) -> PAMR on the merged map -> Hungarian scoring
 (:mod:`spark_jax.evaluation`).
 
-``feature_cache`` stores each image's backbone features (``.npy``) keyed by backbone, its settings and the image
-id, so a hyperparameter sweep runs the backbone once.
+``feature_cache`` stores each image's backbone taps (one ``.npz`` per image) keyed by backbone, preprocessing and
+resolution, and tap set, so a hyperparameter sweep runs the backbone once (methods whose taps are too large to keep,
+DiffSeg's, opt out: ``MethodSpec.cache_taps``).
 
 Methods (:data:`spark_jax.methods.REGISTRY`, ``--method``): ``spark`` and the baselines it is compared with on the same features,
 upsampling, PAMR and scoring: ``diffcut`` (DiffCut's recursive Normalized Cut), ``autosc`` (spectral clustering

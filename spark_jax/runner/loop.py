@@ -175,8 +175,8 @@ def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
         state.timing["load"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        values = batch_taps(backbone, bb.key, cfg.feature_cache, cfg.dataset, resolution, batch.samples,
-                            batch.prepared, taps)
+        cache = cfg.feature_cache if cfg.spec.cache_taps else None  # some methods' taps are too large to keep
+        values = batch_taps(backbone, bb.key, cache, cfg.dataset, resolution, batch.samples, batch.prepared, taps)
         feats = feature_map(values[feature_tap], grid, feature_tap)
         # One small reduction per batch (the method syncs on its outputs anyway).
         nonfinite = np.asarray(jnp.sum(~jnp.all(jnp.isfinite(feats), axis=-1), axis=(1, 2)))
