@@ -36,8 +36,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from spark_jax.graph.affinity import global_affinity
-from spark_jax.graph.affinity import finite_tokens
+from spark_jax.graph.affinity import finite_tokens, global_affinity
+from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, concept_masks
 from spark_jax.graph.markov_flow import relabel_contiguous
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -256,8 +256,6 @@ def autosc_batch(features: jax.Array, cfg: AutoSCConfig) -> AutoSCResult:
 # ----------------------------------------------------------------------------------------------- the method spec
 # AutoSC as a method of the runner (``--method=autosc``, flags ``--autosc_<field>``): the features -> AutoSC ->
 # DiffCut's concept assignment of the clusters to the mask size (AutoSC has no soft labels).
-from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, concept_masks  # noqa: E402
-
 
 def _spec_build(ctx: MethodContext):
     def method(inputs: MethodInputs, acfg: AutoSCConfig):

@@ -31,9 +31,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from spark_jax.graph.affinity import l2_normalize
-from spark_jax.graph.affinity import finite_tokens
+from spark_jax.graph.affinity import finite_tokens, l2_normalize
+from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, concept_masks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -310,10 +311,6 @@ def kmeans_tokens_batch(
 # K-means as a method of the runner (``--method=kmeans``; flags ``--kmeans_k``, ``--kmeans_unlabelled_k``,
 # ``--kmeans_seed`` and ``--kmeans_<KMeansConfig field>``): K-means on the (L2-normalised) token features, K fixed
 # or K* from the ground truth (DiffCut App. F, Table 9), then DiffCut's concept assignment.
-import numpy as np  # noqa: E402
-
-from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, concept_masks  # noqa: E402
-
 
 def _parse_k(text: str, flag: str) -> int | str:
     """``--kmeans_k``: 'gt' or a positive int."""

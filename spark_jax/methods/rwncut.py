@@ -72,7 +72,6 @@ from spark_jax.graph.affinity import global_affinity
 from spark_jax.graph.ncut import (
     Eigensolver,
     NCutConfig,
-    NCutResult,
     SegmentCodes,
     cut_tree_result,
     grow_cut_tree,

@@ -12,6 +12,7 @@ non-finite tokens are segmented as zero vectors and counted (`check_features` re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -23,6 +24,8 @@ from spark_jax.graph.affinity import GlobalInputs, finite_tokens, transition_mat
 from spark_jax.config import SparkConfig
 from spark_jax.graph.markov_flow import extract_clusters, markov_flow
 from spark_jax.graph.propagation import propagate_labels, seed_matrix
+from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, Variant
+from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
 
 
 class SegmentResult(NamedTuple):
@@ -274,12 +277,6 @@ def _segment_tokens_batch_jit(features: jax.Array, cfg: SparkConfig, extra: Glob
 # field>``): the features (and the taps `global_source` reads) -> `pipeline.segment_features` without PAMR (the
 # reference applies PAMR after the many-to-one background merge, which needs the ground truth, so the runner's
 # scoring runs it).
-import dataclasses  # noqa: E402
-
-from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, Variant  # noqa: E402
-from spark_jax.presets import SPARK_PRESETS, preset_for_backbone  # noqa: E402
-
-
 @dataclasses.dataclass(frozen=True)
 class SparkMethodConfig:
     """SPARK's settings in a run.
