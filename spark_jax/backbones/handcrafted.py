@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from spark_jax.data.preprocess import prepare_image
-from spark_jax.models.taps import UnknownTapError, parse_tap
+from spark_jax.models.taps import check_taps, parse_tap
 
 __all__ = ["HandcraftedConfig", "handcrafted_features", "handcrafted_taps", "HandcraftedBackbone", "TAP_NAMES",
            "FEATURE_TAP"]
@@ -177,21 +177,15 @@ def features_from_prepared(x: jax.Array, cfg: HandcraftedConfig = HandcraftedCon
     )
 
 
+_TAPS_HINT = (
+    f"The handcrafted backbone provides {', '.join(TAP_NAMES)} (its features as one pretend self-attention head). "
+    "UNet taps (down/mid/up blocks, attn2, conv_out) come from the diffusion backbone: pass "
+    "--checkpoint=<a diffusers folder> (spark_jax.load_backbone)."
+)
+
+
 def _check_handcrafted_taps(taps: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(taps, str):
-        raise UnknownTapError(f"taps must be a sequence of names, got the single string {taps!r}: pass ({taps!r},)")
-    names = tuple(dict.fromkeys(taps))
-    if not names:
-        raise ValueError(f"no taps requested: name at least one of {', '.join(TAP_NAMES)}")
-    for name in names:
-        if name not in TAP_NAMES:
-            parse_tap(name)
-            raise UnknownTapError(
-                f"the handcrafted backbone has no tap {name!r}: it provides {', '.join(TAP_NAMES)} (its features as "
-                "one pretend self-attention head). UNet taps (down/mid/up blocks, attn2, conv_out) come from the "
-                "diffusion backbone: pass --checkpoint=<a diffusers folder> (spark_jax.load_backbone)."
-            )
-    return names
+    return check_taps(taps, TAP_NAMES, hint=_TAPS_HINT)
 
 
 def handcrafted_taps(x: jax.Array, cfg: HandcraftedConfig, taps: Sequence[str]) -> dict[str, jax.Array]:

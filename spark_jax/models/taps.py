@@ -97,8 +97,16 @@ def parse_tap(name: str) -> tuple[str, str]:
     return path, quantity
 
 
-def check_taps(requested: Iterable[str], valid: Sequence[str]) -> tuple[str, ...]:
+_UNET_TAPS_HINT = "Tap names are '<diffusers module path>:<quantity>'; UNetConfig.tap_names() lists all of them"
+
+
+def check_taps(requested: Iterable[str], valid: Sequence[str], hint: str = _UNET_TAPS_HINT) -> tuple[str, ...]:
     """Validates requested tap names against a model's ``valid`` names; returns them deduplicated, in order.
+
+    Args:
+      requested: the tap names asked for.
+      valid: every tap name of the model, in forward order.
+      hint: what an unknown-tap error adds after the closest valid names (where the valid names come from).
 
     Raises:
       UnknownTapError: naming the first unknown tap and the closest valid names.
@@ -108,18 +116,16 @@ def check_taps(requested: Iterable[str], valid: Sequence[str]) -> tuple[str, ...
         raise UnknownTapError(f"taps must be a sequence of names, got the single string {requested!r}: pass ({requested!r},)")
     names = tuple(dict.fromkeys(requested))
     if not names:
-        raise ValueError("no taps requested: name at least one, e.g. taps=('conv_out:output',)")
+        example = valid[-1] if len(valid) else "conv_out:output"
+        raise ValueError(f"no taps requested: name at least one, e.g. taps=({example!r},)")
     valid_set = frozenset(valid)
     for name in names:
         if name in valid_set:
             continue
         parse_tap(name)
         close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
-        hint = f"closest valid names: {', '.join(close)}" if close else "no valid name is close"
-        raise UnknownTapError(
-            f"unknown tap {name!r} ({hint}). Tap names are '<diffusers module path>:<quantity>'; "
-            "UNetConfig.tap_names() lists all of them"
-        )
+        closest = f"closest valid names: {', '.join(close)}" if close else "no valid name is close"
+        raise UnknownTapError(f"unknown tap {name!r} ({closest}). {hint}")
     return names
 
 
