@@ -42,6 +42,7 @@ from spark_jax.backbones.conditioning import (
     sdxl_time_ids,
     shared_noise,
 )
+from spark_jax.backbones.handcrafted import TAP_NAMES as HANDCRAFTED_TAPS
 from spark_jax.models.taps import UnknownTapError, check_taps
 from spark_jax.models.unet import UNet2DConditionModel, UNetConfig
 from spark_jax.models.vae_encoder import VAEEncoder, VAEEncoderConfig
@@ -347,7 +348,53 @@ def _latent_features(
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-class Backbone:
+class TapInfo:
+    """What a checkpoint's backbone offers (``feature_tap``, ``tap_names()``, ``tap_grid(name)``, ``resolution``),
+    from its configs alone: ``tap_info`` gives one before any weight is read (to choose ``BackboneConfig.taps``),
+    and every ``Backbone`` is one."""
+
+    def __init__(self, unet_config: UNetConfig, vae_config: VAEEncoderConfig, resolution: int):
+        self.unet_config = unet_config
+        self.vae_config = vae_config
+        self._resolution = resolution
+
+    @property
+    def resolution(self) -> int:
+        """Side of the square the images are resized to before the VAE."""
+        return self._resolution
+
+    @property
+    def latent_grid(self) -> tuple[int, int]:
+        side = self._resolution // self.vae_config.downscale
+        return side, side
+
+    @property
+    def feature_tap(self) -> str:
+        """SPARK's and DiffCut's feature point, e.g. ``down_blocks.2.attentions.1.transformer_blocks.3.attn1:output``."""
+        return self.unet_config.feature_tap
+
+    def tap_names(self) -> tuple[str, ...]:
+        """Every tap of the UNet, in forward order (``spark_jax.models.taps`` documents names and shapes)."""
+        return self.unet_config.tap_names()
+
+    def _check_taps(self, taps: Sequence[str]) -> tuple[str, ...]:
+        if not isinstance(taps, str):
+            for name in taps:
+                if name in HANDCRAFTED_TAPS:
+                    raise UnknownTapError(
+                        f"tap {name!r} is the handcrafted demo backbone's (HandcraftedBackbone), not a tap of this "
+                        f"UNet; its counterpart here is {self.feature_tap.rsplit(':', 1)[0]}:"
+                        f"{name.rsplit(':', 1)[1]} (backbone.feature_tap is {self.feature_tap!r})"
+                    )
+        return check_taps(taps, self.tap_names())
+
+    def tap_grid(self, name: str) -> tuple[int, int]:
+        """(h, w) token grid of a tap at this resolution (raises UnknownTapError for a bad name)."""
+        self._check_taps((name,))
+        return self.unet_config.tap_grid(name, self.latent_grid)
+
+
+class Backbone(TapInfo):
     """A loaded feature extractor: modules, constants and one jitted ``extract_features``.
 
     Build with ``load_backbone``. The jitted function takes the parameters as arguments (not as
@@ -364,9 +411,8 @@ class Backbone:
         unet_config: UNetConfig,
         vae_config: VAEEncoderConfig,
     ):
+        super().__init__(unet_config, vae_config, cfg.resolution)
         self.cfg = cfg
-        self.unet_config = unet_config
-        self.vae_config = vae_config
         self.cond = cond
         self._unet_graph, self.unet_params = nnx.split(unet)
         self._vae_graph, self.vae_params = nnx.split(vae)
@@ -376,11 +422,6 @@ class Backbone:
         # One program per tap set (static): the UNet stops after the last requested tap.
         self._jitted_taps = jax.jit(self._run_taps, static_argnames=("taps", "prepared_input"),
                                     compiler_options=options)
-
-    @property
-    def resolution(self) -> int:
-        """Side of the square the images are resized to before the VAE."""
-        return self.cfg.resolution
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -431,27 +472,9 @@ class Backbone:
         return self._jitted_prepared(self.unet_params, self.vae_params, self.cond, prepared)
 
     # ---------------------------------------------------------------------------------- taps
-    @property
-    def feature_tap(self) -> str:
-        """SPARK's and DiffCut's feature point, e.g. ``down_blocks.2.attentions.1.transformer_blocks.3.attn1:output``."""
-        return self.unet_config.feature_tap
-
-    def tap_names(self) -> tuple[str, ...]:
-        """Every tap of the UNet, in forward order (``spark_jax.models.taps`` documents names and shapes)."""
-        return self.unet_config.tap_names()
-
     def _check_taps(self, taps: Sequence[str]) -> tuple[str, ...]:
-        from spark_jax.backbones.handcrafted import TAP_NAMES as HANDCRAFTED_TAPS
-
-        if not isinstance(taps, str):
-            for name in taps:
-                if name in HANDCRAFTED_TAPS:
-                    raise UnknownTapError(
-                        f"tap {name!r} is the handcrafted demo backbone's (HandcraftedBackbone), not a tap of this "
-                        f"UNet; its counterpart here is {self.feature_tap.rsplit(':', 1)[0]}:"
-                        f"{name.rsplit(':', 1)[1]} (backbone.feature_tap is {self.feature_tap!r})"
-                    )
-        names = check_taps(taps, self.tap_names())
+        """As ``TapInfo._check_taps``, and only taps up to the last of ``cfg.taps`` (the parameters held)."""
+        names = super()._check_taps(taps)
         if self.cfg.taps is not None:
             order = {name: i for i, name in enumerate(self.tap_names())}
             last = max(order[t] for t in self.cfg.taps)
@@ -464,16 +487,6 @@ class Backbone:
                     "or with the taps you need."
                 )
         return names
-
-    @property
-    def latent_grid(self) -> tuple[int, int]:
-        side = self.cfg.resolution // self.vae_config.downscale
-        return side, side
-
-    def tap_grid(self, name: str) -> tuple[int, int]:
-        """(h, w) token grid of a tap at this backbone's resolution (raises UnknownTapError for a bad name)."""
-        self._check_taps((name,))
-        return self.unet_config.tap_grid(name, self.latent_grid)
 
     def extract(self, images: jax.Array | np.ndarray, taps: Sequence[str]) -> dict[str, jax.Array]:
         """Named intermediates of the UNet for raw images, one jitted forward that stops after the last of them.
@@ -504,27 +517,6 @@ class Backbone:
     __call__ = extract_features
 
 
-class TapInfo:
-    """What a checkpoint's backbone would offer (``feature_tap``, ``tap_names()``, ``tap_grid(name)``,
-    ``resolution``), read from its configs alone: to choose ``BackboneConfig.taps`` before loading any weight."""
-
-    def __init__(self, unet_cfg: UNetConfig, vae_cfg: VAEEncoderConfig, resolution: int):
-        self.unet_config, self.resolution = unet_cfg, resolution
-        side = resolution // vae_cfg.downscale
-        self.latent_grid = (side, side)
-
-    @property
-    def feature_tap(self) -> str:
-        return self.unet_config.feature_tap
-
-    def tap_names(self) -> tuple[str, ...]:
-        return self.unet_config.tap_names()
-
-    def tap_grid(self, name: str) -> tuple[int, int]:
-        check_taps((name,), self.tap_names())
-        return self.unet_config.tap_grid(name, self.latent_grid)
-
-
 def tap_info(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig()) -> TapInfo:
     """The taps the backbone of ``path`` would offer at ``cfg.resolution`` (configs only, no weights read)."""
     root = resolve_pretrained(path)
@@ -547,9 +539,9 @@ def load_backbone(path: str | os.PathLike, cfg: BackboneConfig = BackboneConfig(
     root = resolve_pretrained(path)
     check_pipeline_files(root)  # every folder present, no dangling link: all named at once, before any loading
     # The settings the checkpoint judges are checked from its configs, before seconds of weight conversion.
-    unet_cfg = unet_config(root)
+    info = tap_info(root, cfg)
+    unet_cfg, vae_cfg = info.unet_config, info.vae_config
     sdxl = unet_cfg.addition_embed_type == "text_time"
-    vae_cfg = vae_encoder_config(root, required_fields=SDXL_VAE_REQUIRED_FIELDS if sdxl else VAE_REQUIRED_FIELDS)
     step = vae_cfg.downscale * unet_cfg.feature_stride
     if cfg.resolution % step:
         lower = max(step, cfg.resolution // step * step)
