@@ -227,9 +227,21 @@ def _torch_extractor(root: Path, size: int, truncated: bool):
     return extract
 
 
+def _jax_conditioning(root: Path, size: int, conditioning, shared_noise, load_alphas_cumprod):
+    """The backbone's constants for the random prompt conditioning, built with the given revision's own
+    ``Conditioning``, ``shared_noise`` and ``load_alphas_cumprod`` (the baseline's layout differs)."""
+    import jax.numpy as jnp
+
+    ctx, pooled, ids = (jnp.asarray(a) for a in _conditioning(size))
+    return conditioning(
+        noise=shared_noise(SEED, (size // 8, size // 8, 4)),
+        alpha_bar=jnp.asarray(load_alphas_cumprod(root)[TIMESTEP], jnp.float32),
+        encoder_hidden_states=ctx, text_embeds=pooled, time_ids=ids,
+    )
+
+
 def _jax_extractor(root: Path, size: int):
     import jax
-    import jax.numpy as jnp
 
     from spark_jax.backbones.diffusion import Backbone, BackboneConfig, Conditioning
     from spark_jax.models.convert import load_unet, load_vae_encoder, unet_config
@@ -242,12 +254,7 @@ def _jax_extractor(root: Path, size: int):
     unet, unet_cfg = load_unet(root, cache_dir=cfg.cache_dir, taps=taps)
     vae, vae_cfg = load_vae_encoder(root, cache_dir=cfg.cache_dir)
     load_s = time.perf_counter() - t0
-    ctx, pooled, ids = (jnp.asarray(a) for a in _conditioning(size))
-    cond = Conditioning(
-        noise=shared_noise(SEED, (size // 8, size // 8, 4)),
-        alpha_bar=jnp.asarray(load_alphas_cumprod(root)[TIMESTEP], jnp.float32),
-        encoder_hidden_states=ctx, text_embeds=pooled, time_ids=ids,
-    )
+    cond = _jax_conditioning(root, size, Conditioning, shared_noise, load_alphas_cumprod)
     backbone = Backbone(unet, vae, cond, cfg, unet_cfg, vae_cfg)  # SPARK's default request, as the runner makes it
 
     def extract(images):
@@ -261,7 +268,6 @@ def _jax_baseline_extractor(root: Path, size: int, checkout: str):
     the UNet encoder truncated at the feature point), imported from ``checkout``."""
     sys.path.insert(0, checkout)
     import jax
-    import jax.numpy as jnp
     import spark_jax
 
     if not Path(spark_jax.__file__).resolve().is_relative_to(Path(checkout).resolve()):
@@ -275,12 +281,7 @@ def _jax_baseline_extractor(root: Path, size: int, checkout: str):
     unet, unet_cfg = load_unet_encoder(root, cache_dir=cfg.cache_dir)
     vae, vae_cfg = load_vae_encoder(root, cache_dir=cfg.cache_dir)
     load_s = time.perf_counter() - t0
-    ctx, pooled, ids = (jnp.asarray(a) for a in _conditioning(size))
-    cond = Conditioning(
-        noise=shared_noise(SEED, (size // 8, size // 8, 4)),
-        alpha_bar=jnp.asarray(load_alphas_cumprod(root)[TIMESTEP], jnp.float32),
-        encoder_hidden_states=ctx, text_embeds=pooled, time_ids=ids,
-    )
+    cond = _jax_conditioning(root, size, Conditioning, shared_noise, load_alphas_cumprod)
     backbone = Backbone(unet, vae, cond, cfg, unet_cfg, vae_cfg)
 
     def extract(images):
