@@ -63,6 +63,9 @@ class MethodInputs(NamedTuple):
             baselines read it.
         index: int32 [B], each image's position in the dataset (seeds per-image randomness, so results do not
             depend on batching or resuming).
+        class_probs: float32 [B, hc, wc, K] or None: CLIP's per-patch probabilities of the run's K vocabulary classes
+            on CLIP's patch grid (open-vocabulary runs, ``--protocol=open_vocab``; None otherwise). Methods whose spec
+            sets ``open_vocab`` read it and return class ids in [0, K) instead of segment ids.
     """
 
     features: jax.Array
@@ -70,6 +73,7 @@ class MethodInputs(NamedTuple):
     images: jax.Array
     num_classes: jax.Array
     index: jax.Array
+    class_probs: jax.Array | None = None
 
 
 class MethodContext(NamedTuple):
@@ -139,6 +143,10 @@ class MethodSpec:
             leaves the field unset (None); an explicit value (a flag) wins. The handcrafted backbone ignores them.
         cache_taps: whether the runner's feature cache stores this method's taps. False for taps too large to keep
             per image (DiffSeg's 16 attention maps: ~341 MB per image at 512 px); the backbone then runs every time.
+        open_vocab: the method labels tokens with class *names* (NERVE): it reads ``MethodInputs.class_probs`` and
+            returns class ids of the run's vocabulary, so it runs only under the open-vocabulary protocol, with a
+            CLIP checkpoint. False: it returns segment ids (the unsupervised protocols; ``--label_with=clip`` names
+            its segments afterwards).
     """
 
     name: str
@@ -160,6 +168,7 @@ class MethodSpec:
     source: str = ""
     diffusion_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     cache_taps: bool = True
+    open_vocab: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and self.name.isidentifier()):
