@@ -84,11 +84,15 @@ class MethodContext(NamedTuple):
         upsampling: one of the spec's ``upsamplings``.
         feature_tap: the backbone's feature tap (``MethodInputs.features``), from which a method derives the names
             of other taps of the same module.
+        background_threshold: open-vocabulary runs: a pixel whose largest class probability is below it becomes
+            class 0 (the background class of V21 / PC60 / COCO-Object, as NACLIP's ``prob_thd``); 0: off. Only
+            methods whose spec sets ``open_vocab`` read it.
     """
 
     mask_size: int
     upsampling: str
     feature_tap: str
+    background_threshold: float = 0.0
 
 
 Method = Callable[[MethodInputs, Any], tuple[jax.Array, dict[str, jax.Array]]]
