@@ -1,0 +1,24 @@
+"""Open-vocabulary segmentation with CLIP: dense per-patch features, prompt-ensembled text classifiers, mask pooling."""
+
+from spark_jax.openvocab.classifier import (
+    TextClassifier,
+    class_logits,
+    class_probabilities,
+    clear_text_classifier_cache,
+    label_segments,
+    text_classifier,
+)
+from spark_jax.openvocab.prompts import IMAGENET_TEMPLATES, VILD_TEMPLATES, parse_class_names, read_class_names
+
+__all__ = [
+    "IMAGENET_TEMPLATES",
+    "VILD_TEMPLATES",
+    "TextClassifier",
+    "class_logits",
+    "class_probabilities",
+    "clear_text_classifier_cache",
+    "label_segments",
+    "parse_class_names",
+    "read_class_names",
+    "text_classifier",
+]
