@@ -66,8 +66,9 @@ __all__ = [
     "Evaluator",
 ]
 
-Protocol = Literal["standard", "diffcut"]
-PROTOCOLS: tuple[str, ...] = ("standard", "diffcut")
+Protocol = Literal["standard", "diffcut", "open_vocab"]
+# open_vocab: predictions are class ids, scored without matching (spark_jax.openvocab.evaluation).
+PROTOCOLS: tuple[str, ...] = ("standard", "diffcut", "open_vocab")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +124,7 @@ def protocol_labels(space: LabelSpace, protocol: Protocol) -> ProtocolLabels:
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     names, bg, ign = space.class_names, space.background, space.ignore_index
-    if protocol == "standard":
+    if protocol in ("standard", "open_vocab"):  # the reader's ids; void ignored
         return ProtocolLabels(names, bg, lambda label: np.asarray(label, np.int64))
     if space.diffcut_shift:
         # DiffCut scores raw ADE ids 0..149: "other" (raw 0, our ignore) is a class, raw 150 is dropped.
@@ -319,6 +320,9 @@ class Evaluator:
     """
 
     def __init__(self, space: LabelSpace, protocol: Protocol = "standard"):
+        if protocol == "open_vocab":
+            raise ValueError("the open_vocab protocol scores class ids without matching: use "
+                             "spark_jax.openvocab.evaluation.OpenVocabEvaluator")
         self.space = space
         self.protocol = protocol
         self.rows = protocol_labels(space, protocol)
