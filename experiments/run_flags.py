@@ -80,6 +80,11 @@ flags.DEFINE_integer("pamr_iters", PamrConfig().num_iter, "PAMR iterations.")
 flags.DEFINE_list("pamr_dilations", [str(d) for d in PamrConfig().dilations], "PAMR dilations.")
 flags.DEFINE_string("feature_cache", None, "Folder caching backbone taps across runs.")
 flags.DEFINE_integer("num_overlays", 8, "Overlay images written for the first N images.")
+flags.DEFINE_integer("loader_workers", RunConfig().loader_workers, "Threads reading and preparing images ahead of "
+                     "the batch loop and writing its PNGs behind it (0: both in the loop's thread; results do not "
+                     "depend on it).")
+flags.DEFINE_integer("prefetch_batches", RunConfig().prefetch_batches, "Batches read ahead (and written behind) at "
+                     "most.")
 flags.DEFINE_integer("demo_images", 8, "Number of procedural images of the demo benchmark.")
 flags.DEFINE_bool("demo_photos", True, "Add scikit-image's sample photographs to the demo (overlays only).")
 
@@ -285,6 +290,7 @@ def run_config_from_flags(**fields: Any) -> RunConfig:
         data_dir=FLAGS.data_dir, backbone=FLAGS.backbone, checkpoint=FLAGS.checkpoint, resolution=FLAGS.resolution,
         mask_size=FLAGS.mask_size, batch_size=FLAGS.batch_size, limit=FLAGS.limit, protocol=FLAGS.protocol,
         feature_cache=FLAGS.feature_cache, num_overlays=FLAGS.num_overlays, on_bad_sample=FLAGS.on_bad_sample,
+        loader_workers=FLAGS.loader_workers, prefetch_batches=FLAGS.prefetch_batches,
         allow_nonfinite_features=FLAGS.allow_nonfinite_features, demo_images=FLAGS.demo_images,
         demo_photos=FLAGS.demo_photos, timestep=FLAGS.timestep, seed=FLAGS.seed, noise_source=FLAGS.noise_source,
         noise_file=FLAGS.noise_file, unet_dtype=FLAGS.unet_dtype, backbone_precision=FLAGS.backbone_precision,

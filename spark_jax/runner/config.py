@@ -44,6 +44,14 @@ class RunConfig:
         pamr: apply PAMR after the background merge (the paper's setting).
         feature_cache: folder of cached backbone features, or None.
         num_overlays: overlays written for the first images (unlabelled images always get one).
+        loader_workers: threads that read, decode and prepare images ahead of the batch loop and write its PNGs
+            behind it (:mod:`spark_jax.runner.input_pipeline`, :class:`spark_jax.runner.outputs.OutputWriter`);
+            0 does both in the loop's thread. Results do not depend on it. Default 4, *our choice*: Pillow's
+            decoders release the GIL, and 4 threads keep a batch of benchmark JPEGs ahead of a GPU step (see
+            ``experiments/bench_input_pipeline.py``).
+        prefetch_batches: batches read ahead (and images written behind, in batches) at most; each prepared
+            image holds S x S x 3 float32 on the device (12 MB at 1024 px). Default 2, *our choice*: one batch
+            ready while the next is read.
         demo_images: number of procedural images of the demo benchmark.
         demo_photos: append scikit-image's sample photographs to the demo (overlays only, not scored).
         upsampling: token labels -> masks: ``soft_labels`` (SPARK: bilinear upsampling of Q*, then argmax) or
@@ -81,6 +89,8 @@ class RunConfig:
     pamr: bool = True
     feature_cache: str | None = None
     num_overlays: int = 8
+    loader_workers: int = 4
+    prefetch_batches: int = 2
     demo_images: int = 8
     demo_photos: bool = True
     upsampling: str | None = None
@@ -108,6 +118,9 @@ class RunConfig:
             raise ValueError(f"--resolution must be an int >= 8 (the backbone's input side in pixels) or unset for "
                              f"the backbone's own, got {self.resolution!r}")
         self.backbone_config(1024)  # validates the diffusion backbone's settings (ValueError naming the field)
+        if self.loader_workers < 0 or self.prefetch_batches < 1:
+            raise ValueError(f"--loader_workers must be >= 0 (0: read in the loop's thread) and --prefetch_batches "
+                             f">= 1, got {self.loader_workers} and {self.prefetch_batches}")
         if self.on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"--on_bad_sample must be one of {ON_BAD_SAMPLE}, got {self.on_bad_sample!r}")
         if self.limit is not None and self.limit < 1:

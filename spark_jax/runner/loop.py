@@ -1,9 +1,11 @@
-"""The batch loop: load a batch, prepare it, get its features, call the method, then score, write and log each
-image before the next batch (so an interrupted run loses at most the batch in flight)."""
+"""The batch loop: batches read and prepared ahead in worker threads (:mod:`~spark_jax.runner.input_pipeline`),
+their features, the method, then each image scored and handed to the writer, which logs it once its files exist
+(:class:`~spark_jax.runner.outputs.OutputWriter`; so an interrupted run loses at most the batches in flight)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,20 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from spark_jax.data import BadSampleError, Dataset, Sample
-from spark_jax.data.preprocess import prepare_image, prepare_label
 from spark_jax.evaluation import Evaluator
 from spark_jax.runner.backbones import ResolvedBackbone
 from spark_jax.runner.config import RunConfig
 from spark_jax.runner.errors import bad_data_error, nonfinite_error
 from spark_jax.methods.registry import MethodContext, MethodInputs, jitted_method
 from spark_jax.runner.features import batch_taps, feature_map, token_grid
-from spark_jax.runner.outputs import resize_image, write_image_outputs
+from spark_jax.runner.input_pipeline import BatchLoader
+from spark_jax.runner.outputs import OutputWriter, resize_image, write_image_outputs
 from spark_jax.runner.rundir import append_record
-from spark_jax.runner.scoring import classes_present, pamr_refiner, score_image
+from spark_jax.runner.scoring import pamr_refiner, score_image
 
 __all__ = ["STAGES", "Batch", "MethodCaller", "RunState", "run_batches", "verify_data"]
-
-_prep_jit = jax.jit(prepare_image, static_argnums=1)
 
 # Stages of metrics.json's ``timing.stage_seconds``.
 STAGES = ("load", "backbone", "compile", "method", "score", "write")
@@ -66,30 +66,6 @@ def verify_data(ds: Dataset, pending: list[int], on_bad_sample: str, quiet: bool
         raise bad_data_error(bad, len(pending))
     bad_index = {b.index for b in bad}
     return [i for i in pending if i not in bad_index], [_skip(b) for b in bad]
-
-
-def load_batch(ds: Dataset, indices: list[int], cfg: RunConfig, resolution: int, state: RunState,
-               total: int) -> Batch | None:
-    """Reads and prepares the samples of ``indices``; one that fails now (a file changed after the check) stops
-    the run or is skipped, as ``cfg.on_bad_sample`` says. None if none is left."""
-    kept, samples = [], []
-    for i in indices:
-        try:
-            samples.append(ds[i])
-            kept.append(i)
-        except BadSampleError as err:
-            if cfg.on_bad_sample == "fail":
-                raise bad_data_error([err], total) from None
-            state.skipped.append(_skip(err))
-    if not samples:
-        return None
-    via = resolution if cfg.protocol == "diffcut" else None
-    prepared = jnp.stack([_prep_jit(jnp.asarray(s.image), resolution) for s in samples])
-    gts = [None if s.label is None else np.asarray(prepare_label(s.label, cfg.mask_size, via=via))
-           for s in samples]
-    space = ds.label_space
-    num_classes = [0 if g is None else classes_present(g, space, cfg.protocol) for g in gts]
-    return Batch(kept, samples, prepared, gts, num_classes)
 
 
 def _pad(x: jax.Array, pad: int) -> jax.Array:
@@ -155,10 +131,31 @@ class MethodCaller:
         return np.asarray(labels)[:n], {k: np.asarray(v)[:n] for k, v in diag.items()}, seconds / self.cfg.batch_size
 
 
+def _finish(log, state: RunState, on_image: Callable[[str], None] | None, rec: dict[str, Any]) -> None:
+    """An image's files exist: its record goes into the resume log and ``state``, then ``on_image`` hears of it."""
+    append_record(log, rec)
+    state.records.append(rec)
+    if on_image is not None:
+        on_image(rec["id"])
+
+
 def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: int, pending: list[int],
                 state: RunState, log, *, on_image: Callable[[str], None] | None, progress) -> None:
     """Evaluates the ``pending`` images batch by batch, appending each finished image to ``state`` and to the
-    resume log ``log`` once its files are written."""
+    resume log ``log`` once its files are written. Images are read ahead and written behind in
+    ``cfg.loader_workers`` threads; both sets of threads are stopped, whatever ends the loop."""
+    loader = BatchLoader(ds, pending, batch_size=cfg.batch_size, resolution=resolution, mask_size=cfg.mask_size,
+                         protocol=cfg.protocol, on_bad_sample=cfg.on_bad_sample, skipped=state.skipped,
+                         workers=cfg.loader_workers, prefetch_batches=cfg.prefetch_batches, timing=state.timing)
+    # One writing thread (PNG encoding and fsync release the GIL); images written behind at most a few batches.
+    writer = OutputWriter(workers=min(1, cfg.loader_workers), max_pending=cfg.prefetch_batches * cfg.batch_size,
+                          timing=state.timing)
+    with loader, writer:  # a clean end commits every written image; an error commits nothing more
+        _batch_loop(cfg, ds, bb, resolution, state, log, loader, writer, on_image=on_image, progress=progress)
+
+
+def _batch_loop(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: int, state: RunState, log,
+                loader: BatchLoader, writer: OutputWriter, *, on_image, progress) -> None:
     backbone = bb.backbone
     feature_tap = backbone.feature_tap
     taps = tuple(dict.fromkeys(cfg.spec.taps(cfg.method_config, backbone)))  # in order, without repeats
@@ -167,12 +164,8 @@ def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
     grid = token_grid(backbone, feature_tap)
     method = MethodCaller(cfg, feature_tap)
     space = ds.label_space
-    for start in range(0, len(pending), cfg.batch_size):
-        t = time.perf_counter()
-        batch = load_batch(ds, pending[start : start + cfg.batch_size], cfg, resolution, state, len(pending))
-        if batch is None:
-            continue
-        state.timing["load"] += time.perf_counter() - t
+    for loaded in loader:  # in order; the wait is timing["load"]; unreadable samples raised or skipped there
+        batch = Batch(*loaded)
 
         t = time.perf_counter()
         cache = cfg.feature_cache if cfg.spec.cache_taps else None  # some methods' taps are too large to keep
@@ -197,16 +190,14 @@ def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
                                    "nonfinite_feature_tokens": int(nonfinite[j]), **score}
             state.timing["score"] += time.perf_counter() - t
 
-            t = time.perf_counter()
-            write_image_outputs(cfg.output_dir, s.image_id, final, np.asarray(batch.prepared[j]), batch.labels[j],
-                                space.ignore_index, with_overlay=i < cfg.num_overlays or s.label is None)
             rec["diagnostics"] = {k: v[j].item() for k, v in diag.items()}
             rec["num_predicted_segments"] = int(final.max()) + 1
-            append_record(log, rec)
-            state.records.append(rec)
-            state.timing["write"] += time.perf_counter() - t
-            if on_image is not None:
-                on_image(s.image_id)
+            # Files written in the writer's thread; the record logged (then on_image) once they exist (timing
+            # "write": the loop's waits and logging).
+            writer.submit(functools.partial(write_image_outputs, cfg.output_dir, s.image_id, final, batch.prepared[j],
+                                            batch.labels[j], space.ignore_index,
+                                            with_overlay=i < cfg.num_overlays or s.label is None),
+                          functools.partial(_finish, log, state, on_image, rec))
         progress.update(len(batch.samples))
         if len(state.evaluator):
             progress.set_postfix_str(f"mIoU {100 * state.evaluator.result()['miou']:.1f}", refresh=False)

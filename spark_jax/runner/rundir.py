@@ -36,8 +36,8 @@ __all__ = [
 ]
 
 # RunConfig fields a resume may change: they decide how the work is done or reported, not its results.
-RESUME_IGNORES = ("output_dir", "batch_size", "limit", "feature_cache", "num_overlays", "data_dir",
-                  "on_bad_sample", "allow_nonfinite_features")
+RESUME_IGNORES = ("output_dir", "batch_size", "limit", "feature_cache", "num_overlays", "loader_workers",
+                  "prefetch_batches", "data_dir", "on_bad_sample", "allow_nonfinite_features")
 # Top-level entries of run_config.json besides "run" (the RunConfig) that a resume must match.
 _IDENTITY_KEYS = ("backbone", "backbone_key", "resolution", "data_dir", "image_list")
 
