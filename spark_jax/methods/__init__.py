@@ -4,7 +4,7 @@ Adding a method is one module declaring a ``SPEC`` (a :class:`~spark_jax.methods
 line below; ``experiments.run``, ``experiments.compare``, the benchmarks and ``metrics.json`` follow the registry.
 """
 
-from spark_jax.methods import autosc, diffcut, diffseg, kmeans, rwncut, spark
+from spark_jax.methods import autosc, diffcut, diffseg, kmeans, nerve, rwncut, spark
 from spark_jax.methods.registry import (
     REGISTRY,
     MethodContext,
@@ -24,6 +24,7 @@ register(autosc.SPEC)
 register(kmeans.SPEC)
 register(rwncut.SPEC)
 register(diffseg.SPEC)
+register(nerve.SPEC)
 
 __all__ = [
     "REGISTRY",
