@@ -291,7 +291,7 @@ def test_registered_method_applies_the_context_background_threshold():
     image, probs, _ = planted_inputs(2)
     labels, diag = run_registered(image[None], probs[None], mask_size=16, background_threshold=1.01)
     assert (labels == 0).all() and diag["background_fraction"][0] == 1.0  # every probability is below 1.01
-    closed, diag = run_registered(image[None], probs[None], mask_size=16, cfg=NerveConfig(walk="closed_form"))
+    _, diag = run_registered(image[None], probs[None], mask_size=16, cfg=NerveConfig(walk="closed_form"))
     assert diag["walk_steps"][0] == -1 and diag["walk_residual"][0] < 1e-5
 
 
@@ -309,8 +309,8 @@ def test_open_vocabulary_inputs_are_required():
     backbone = HandcraftedBackbone(HandcraftedConfig(resolution=64))
     cfg = spec.resolve_config(None, "handcrafted")
     values = backbone.extract_prepared(jnp.zeros((1, 64, 64, 3)), spec.taps(cfg, backbone))
-    inputs = MethodInputs(features=values[FEATURE_TAP].reshape(1, 8, 8, -1), taps=values, images=jnp.zeros((1, 64, 64, 3)),
-                          num_classes=jnp.zeros((1,), jnp.int32), index=jnp.zeros((1,), jnp.int32))
+    inputs = MethodInputs(features=values[FEATURE_TAP].reshape(1, 8, 8, -1), taps=values,
+                          images=jnp.zeros((1, 64, 64, 3)), num_classes=jnp.zeros((1,), jnp.int32), index=jnp.zeros((1,), jnp.int32))
     ctx = MethodContext(16, "soft_labels", FEATURE_TAP)
     with pytest.raises(ValueError, match="open-vocabulary method: it needs MethodInputs.class_probs"):
         spec.build(ctx)(inputs, cfg)
