@@ -297,7 +297,7 @@ def label_segments(
         raise ValueError(f"segment ids span [{int(jnp.min(segments))}, {int(jnp.max(segments))}]; they must lie in "
                          f"[0, num_segments={num_segments}).")
     b, mh, mw = segments.shape
-    _, gh, gw, dim = dense.shape
+    _, gh, gw, _ = dense.shape
     dense = dense.astype(jnp.float32)
 
     # On the dense grid: nearest-exact resize of the id map (= of every binary mask), then masked sums.

@@ -5,18 +5,13 @@ few global ones. Training-free dense CLIP methods therefore change only the **la
 ``post_layernorm`` and the visual projection to every token. With ``h = layer_norm1(x)``, ``q, k, v`` its
 per-head projections (head width d), ``W_o`` the output projection and ``MLP(.) = mlp(layer_norm2(.))``:
 
-=========  ============================================================================  =====================
-mode       last block                                                                    source
-=========  ============================================================================  =====================
-vanilla    y = x + W_o softmax(q k^T / sqrt d) v;  y + MLP(y)                             CLIP (the unchanged
-                                                                                          block)
-maskclip   y = x + W_o v;  y + MLP(y)   (the value path: attention = identity)            MaskCLIP (Zhou et al.
-                                                                                          2022), vit.py
-sclip      y = x + W_o [softmax(q q^T / sqrt d) + softmax(k k^T / sqrt d)] v;  y + MLP(y)  SCLIP (Wang et al.
-                                                                                          2024), model.py
-naclip     y = W_o softmax(k k^T / sqrt d + omega) v   (no residual, no MLP)             NACLIP (Hajimiri et
-                                                                                          al. 2025), 'reduced'
-=========  ============================================================================  =====================
+* ``vanilla``  (CLIP, the unchanged block): y = x + W_o softmax(q k^T / sqrt d) v, then y + MLP(y).
+* ``maskclip`` (MaskCLIP, Zhou et al. ECCV 2022, ``vit.py``): the value path, y = x + W_o v, then y + MLP(y)
+  (attention replaced by the identity).
+* ``sclip``    (SCLIP, Wang et al. ECCV 2024, ``clip/model.py``): correlative self-attention,
+  y = x + W_o [softmax(q q^T / sqrt d) + softmax(k k^T / sqrt d)] v, then y + MLP(y).
+* ``naclip``   (NACLIP, Hajimiri et al. WACV 2025, ``clip/model.py``, arch ``'reduced'``): neighbourhood attention,
+  y = W_o softmax(k k^T / sqrt d + omega) v, with neither the residual nor the MLP.
 
 NACLIP's omega is a Gaussian of the 2-D distance between patch positions, ``exp(-||p_i - p_j||^2 / (2 std^2))``
 (peak 1, not normalised), std 5 in the paper's setting (``reduced naclip 5``); the class token's row and column
@@ -24,6 +19,8 @@ are 0. The published code builds it by convolving one-hot maps with a (2 gh - 1)
 which covers every pair of patches, so it equals the closed form used here.
 
 ``dense_features`` returns the patch tokens [B, gh, gw, proj], L2-normalised; the class token is dropped.
+The last block's attention is materialised per head ([B, heads, N, N] float32 logits, N = 1 + gh gw): small at
+the protocol's sizes (ViT-L/14 at 336 px: N = 577), ~1.8 GB per image at 1022 px (N = 5330, 16 heads).
 """
 
 from __future__ import annotations

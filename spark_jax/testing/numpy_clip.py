@@ -118,7 +118,8 @@ def last_block(
     if mode == "naclip":
         return out  # 'reduced' architecture: neither the residual nor the feed-forward network
     x = x + out
-    hidden = _activation(_linear(_layer_norm(x, w["layer_norm2.weight"], w["layer_norm2.bias"]), w, "mlp.fc1"), activation)
+    h2 = _layer_norm(x, w["layer_norm2.weight"], w["layer_norm2.bias"])
+    hidden = _activation(_linear(h2, w, "mlp.fc1"), activation)
     return x + _linear(hidden, w, "mlp.fc2")
 
 
