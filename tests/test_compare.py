@@ -128,3 +128,15 @@ def test_compare_rejects_unknown_names_before_running(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         compare(base, datasets=["demo"], methods=["ncut"], output_dir=str(tmp_path), quiet=True)
     assert not os.listdir(tmp_path)
+
+
+def test_open_vocabulary_methods_are_not_rows_and_are_named_as_such():
+    """NERVE names classes with CLIP: it is scored under --protocol=open_vocab, not by this table."""
+    from spark_jax.methods import REGISTRY
+
+    vocab = [name for name, spec in REGISTRY.items() if spec.open_vocab]
+    assert "nerve" in vocab
+    assert not set(vocab) & set(comparison_entries())
+    with pytest.raises(ValueError, match="nerve: open-vocabulary, scored with experiments.run --protocol=open_vocab"):
+        compare(RunConfig(backbone="handcrafted"), datasets=["demo"], methods=["nerve"], output_dir="unused",
+                quiet=True)

@@ -57,9 +57,16 @@ class Entry:
 
 
 def comparison_entries(registry: dict[str, MethodSpec] | None = None) -> dict[str, Entry]:
-    """The comparison's rows, in registry order: each method, then its variants (SPARK's ``spark_global``)."""
+    """The comparison's rows, in registry order: each method, then its variants (SPARK's ``spark_global``).
+
+    Open-vocabulary methods (``spec.open_vocab``: NERVE) are not rows: they name classes with CLIP instead of
+    segmenting, so they are scored by ``experiments.run --protocol=open_vocab``, not by this table's per-image
+    Hungarian matching.
+    """
     out: dict[str, Entry] = {}
     for spec in (REGISTRY if registry is None else registry).values():
+        if spec.open_vocab:
+            continue
         out[spec.name] = Entry(spec.name, spec.name, spec.title_for)
         for name, variant in spec.variants.items():
             out[name] = Entry(name, spec.name, lambda config, t=variant.title: t, variant.change)
@@ -124,7 +131,10 @@ def compare(
     entries = comparison_entries()
     unknown = sorted(set(methods) - set(entries))
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose among {', '.join(entries)}")
+        vocab = [m for m in unknown if m in REGISTRY and REGISTRY[m].open_vocab]
+        why = (f" ({', '.join(vocab)}: open-vocabulary, scored with experiments.run --protocol=open_vocab "
+               "--clip_checkpoint=...)" if vocab else "")
+        raise ValueError(f"unknown methods {unknown}{why}; choose among {', '.join(entries)}")
     configs = {base.method: base.method_config, **(method_configs or {})}
     for name, config in configs.items():
         if config is not None:
