@@ -64,6 +64,7 @@ import jax.experimental.sparse.linalg
 import jax.numpy as jnp
 
 from spark_jax.graph.affinity import finite_tokens, global_affinity
+from spark_jax.sharding import per_image_map
 
 Eigensolver = Literal["eigh", "lobpcg"]
 SegmentCodes = Literal["exact", "float32"]
@@ -646,10 +647,11 @@ def recursive_ncut_batch(features: jax.Array, cfg: NCutConfig) -> NCutResult:
 
     Images run one after the other (`lax.map`), not vmapped: under vmap the eigensolver's
     size-bucket `lax.switch` evaluates every branch and the work list runs as long as the
-    slowest image's, measured 8-10x slower for two 32x32 images.
+    slowest image's, measured 8-10x slower for two 32x32 images. Under a mesh
+    (`spark_jax.sharding.active`) each device loops over its own images (`per_image_map`).
     """
     if features.ndim != 4:
         raise ValueError(
             f"recursive_ncut_batch takes features [B, h, w, C], got shape {features.shape}"
         )
-    return jax.lax.map(lambda x: recursive_ncut(x, cfg), features)
+    return per_image_map(lambda x: recursive_ncut(x, cfg), features)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from spark_jax.graph.affinity import finite_tokens, global_affinity
 from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, concept_masks
 from spark_jax.graph.markov_flow import relabel_contiguous
+from spark_jax.sharding import per_image_map
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Static widths of the QR-pivoting discretisation (powers of 2 from 8; the embedding's width last).
@@ -246,11 +247,12 @@ def autosc_batch(features: jax.Array, cfg: AutoSCConfig) -> AutoSCResult:
     """`autosc` over a batch: features [B, h, w, C] -> AutoSCResult with a leading B.
 
     Images run one after the other (`lax.map`): under vmap the discretisation's width-bucket
-    `lax.switch` would evaluate every branch, the full-width one included.
+    `lax.switch` would evaluate every branch, the full-width one included. Under a mesh each
+    device loops over its own images (`spark_jax.sharding.per_image_map`).
     """
     if features.ndim != 4:
         raise ValueError(f"autosc_batch takes features [B, h, w, C], got shape {features.shape}")
-    return jax.lax.map(lambda x: autosc(x, cfg), features)
+    return per_image_map(lambda x: autosc(x, cfg), features)
 
 
 # ----------------------------------------------------------------------------------------------- the method spec

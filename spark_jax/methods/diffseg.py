@@ -84,6 +84,7 @@ from spark_jax.masks.resample import bilinear_matrix
 from spark_jax.masks.upsample import upsample_labels
 from spark_jax.methods.kmeans import lloyd
 from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec
+from spark_jax.sharding import per_image_map
 
 __all__ = [
     "ATTENTION_QUANTITY",
@@ -404,7 +405,7 @@ def _spec_build(ctx: MethodContext):
         maps = [v for k, v in inputs.taps.items() if k in attention_taps((k,))]
         # Image by image (lax.map): the working set is one image's whatever the batch size (module docstring); a
         # vmap holds B of them (measured 332 MiB of temporaries already for B = 1 on XLA:CPU, against 136 MiB).
-        res = jax.lax.map(lambda ms: diffseg_segment(ms, cfg, ctx.mask_size), maps)
+        res = per_image_map(lambda ms: diffseg_segment(ms, cfg, ctx.mask_size), maps)  # per device under a mesh
         diag = {
             "num_proposals": res.num_proposals,
             "num_segments": res.num_segments,

@@ -78,6 +78,7 @@ from spark_jax.graph.ncut import (
     prune_cut_tree,
 )
 from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, concept_masks
+from spark_jax.sharding import per_image_map
 
 __all__ = [
     "RWNCutConfig",
@@ -344,10 +345,10 @@ def rw_ncut(p: jax.Array, cfg: RWNCutConfig) -> RWNCutResult:
 
 @jax.jit
 def rw_ncut_batch(p: jax.Array, cfg: RWNCutConfig) -> RWNCutResult:
-    """`rw_ncut` over a batch [B, N, N], image by image (`lax.map`: see `recursive_ncut_batch`)."""
+    """`rw_ncut` over a batch [B, N, N], image by image (`per_image_map`: see `recursive_ncut_batch`)."""
     if p.ndim != 3:
         raise ValueError(f"rw_ncut_batch takes transition matrices [B, N, N], got shape {p.shape}")
-    return jax.lax.map(lambda x: rw_ncut(x, cfg), p)
+    return per_image_map(lambda x: rw_ncut(x, cfg), p)
 
 
 # ----------------------------------------------------------------------------------------------- the method spec

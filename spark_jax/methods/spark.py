@@ -26,6 +26,7 @@ from spark_jax.graph.markov_flow import extract_clusters, markov_flow
 from spark_jax.graph.propagation import propagate_labels, seed_matrix
 from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, Variant
 from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
+from spark_jax.sharding import per_image_map
 
 
 class SegmentResult(NamedTuple):
@@ -269,7 +270,7 @@ def _segment_tokens_batch_jit(features: jax.Array, cfg: SparkConfig, extra: Glob
                               chunk_size: int | None) -> SegmentResult:
     if chunk_size is None or chunk_size >= features.shape[0]:
         return jax.vmap(_segment_tokens, in_axes=(0, None, 0))(features, cfg, extra)
-    return jax.lax.map(lambda xe: _segment_tokens(xe[0], cfg, xe[1]), (features, extra), batch_size=chunk_size)
+    return per_image_map(lambda xe: _segment_tokens(xe[0], cfg, xe[1]), (features, extra), batch_size=chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------- the method spec

@@ -7,12 +7,15 @@ only when requested) and their outputs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from spark_jax.models.resnet import group_norm
 from spark_jax.models.taps import NO_TAPS, PROBS_QUANTITIES, Tapped, TapRecorder
+from spark_jax.sharding import batch_local
 
 
 class Attention(Tapped, nnx.Module):
@@ -174,6 +177,15 @@ def dot_product_attention(
       [B, T, N, H] in v's dtype. The softmax is normalised after the value product (one division
       per output element instead of one per logit).
     """
+    # Under a mesh (spark_jax.sharding.active) each device attends over its own images: the flattening of
+    # (batch, head) and the loop over its blocks below would otherwise gather the whole batch onto every device.
+    attend_all = functools.partial(_attention, scale=scale, block_q=block_q,
+                                   max_unblocked_logits=max_unblocked_logits, precision=precision)
+    return batch_local(attend_all)(q, k, v)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, block_q: int, max_unblocked_logits: int,
+               precision: str | jax.lax.Precision | None) -> jax.Array:
     b, t, n, h = q.shape
     s = k.shape[1]
     # [B*N, T, H]: one independent 2-D attention per (batch, head).
