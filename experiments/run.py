@@ -29,11 +29,14 @@ from absl import app, flags
 from experiments import run_flags
 from spark_jax.data import DATASETS, DatasetNotFoundError
 from spark_jax.methods import REGISTRY
+from spark_jax.openvocab.benchmarks import BENCHMARKS as OPEN_VOCAB_BENCHMARKS
 from spark_jax.runner import BackboneNotFoundError, OutputPathError, RunConfig, run
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("dataset", "demo", sorted(DATASETS), "Benchmark to evaluate.")
+flags.DEFINE_enum("dataset", "demo", sorted({*DATASETS, *OPEN_VOCAB_BENCHMARKS}),
+                  "Benchmark to evaluate (under --protocol=open_vocab: one of "
+                  f"{', '.join(OPEN_VOCAB_BENCHMARKS)}).")
 flags.DEFINE_string("method", "spark",
                     f"Segmentation method, one of {', '.join(REGISTRY)} (or one registered later): spark, or a "
                     "baseline on the same features, upsampling, PAMR and scoring: diffcut (recursive NCut), autosc "

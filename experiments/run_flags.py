@@ -37,6 +37,8 @@ from spark_jax.evaluation import PROTOCOLS
 from spark_jax.masks.pamr import PamrConfig
 from spark_jax.methods import REGISTRY, MethodSpec, add_listener, method_spec
 from spark_jax.runner import BACKBONES, ON_BAD_SAMPLE, BackboneNotFoundError, RunConfig, backbone_kind
+from spark_jax.runner.config import DENSE_MODES, LABEL_WITH, TEMPLATES
+from spark_jax.runner.config import DENSE_MODES, LABEL_WITH, TEMPLATES
 
 FLAGS = flags.FLAGS
 
@@ -69,7 +71,9 @@ flags.DEFINE_integer("batch_size", 4, "Images per backbone/method call.")
 flags.DEFINE_integer("limit", None, "Evaluate only the first N images (of each dataset).")
 flags.DEFINE_enum("protocol", RunConfig().protocol, list(PROTOCOLS),
                   "Scoring protocol (docs/evaluation.md): diffcut = DiffCut's released evaluation, which SPARK's and "
-                  "DiffCut's tables are comparable to; standard = the datasets' own definitions (the correction).")
+                  "DiffCut's tables are comparable to; standard = the datasets' own definitions (the correction); "
+                  "open_vocab = class ids on a dataset-level confusion matrix, no matching (the open-vocabulary "
+                  "benchmarks voc21, voc20, context60, ...; --method=nerve or --label_with=clip).")
 flags.DEFINE_enum("on_bad_sample", RunConfig().on_bad_sample, list(ON_BAD_SAMPLE),
                   "An unreadable image or label (checked before the run): fail = stop naming every bad file; "
                   "skip = leave them out, listed in metrics.json.")
@@ -87,6 +91,22 @@ flags.DEFINE_integer("prefetch_batches", RunConfig().prefetch_batches, "Batches 
                      "most.")
 flags.DEFINE_integer("demo_images", 8, "Number of procedural images of the demo benchmark.")
 flags.DEFINE_bool("demo_photos", True, "Add scikit-image's sample photographs to the demo (overlays only).")
+# Open-vocabulary runs (--protocol=open_vocab; docs/evaluation.md, spark_jax/runner/open_vocab.py).
+flags.DEFINE_string("clip_checkpoint", None, "Open vocabulary: CLIP weights, a transformers CLIPModel folder or an "
+                    "open_clip checkpoint (default: the HF cache snapshot of openai/clip-vit-large-patch14 if present).")
+flags.DEFINE_enum("label_with", "none", list(LABEL_WITH), "Open vocabulary: clip = name each segment of an "
+                  "unsupervised method (after PAMR) by CLIP mask pooling (DiffCut's open-vocabulary mode).")
+flags.DEFINE_enum("dense_mode", RunConfig().dense_mode, list(DENSE_MODES),
+                  "Open vocabulary: CLIP's dense per-patch features (NACLIP's by default).")
+flags.DEFINE_enum("templates", RunConfig().templates, list(TEMPLATES), "Open vocabulary: prompt templates of the "
+                  "class embeddings (imagenet: the 80 OpenAI ones; vild: DiffCut's 14; photo: 'a photo of a {}.').")
+flags.DEFINE_float("background_threshold", None, "Open vocabulary: pixels (segments with --label_with=clip) whose "
+                   "largest class probability is below it become the background (default: the benchmark's, "
+                   "NACLIP's 0.1 on voc21 / context60 / coco_object_full, else 0 = off).")
+flags.DEFINE_string("vocabulary", None, "Open vocabulary: a class-name file replacing the benchmark's own (one line "
+                    "per class, synonyms 'a, b, c').")
+flags.DEFINE_integer("clip_resolution", None, "Open vocabulary: side of CLIP's input (default: the benchmark's, "
+                     "336; 448 for coco_stuff171), rounded down to a multiple of the patch size.")
 
 # method name -> {flag name: path of its field in the method's config, e.g. ("spark", "beta")}.
 METHOD_FLAGS: dict[str, dict[str, tuple[str, ...]]] = {}
@@ -295,6 +315,9 @@ def run_config_from_flags(**fields: Any) -> RunConfig:
         demo_photos=FLAGS.demo_photos, timestep=FLAGS.timestep, seed=FLAGS.seed, noise_source=FLAGS.noise_source,
         noise_file=FLAGS.noise_file, unet_dtype=FLAGS.unet_dtype, backbone_precision=FLAGS.backbone_precision,
         pamr_config=PamrConfig(num_iter=FLAGS.pamr_iters, dilations=dilations), method=method,
+        clip_checkpoint=FLAGS.clip_checkpoint, label_with=FLAGS.label_with, dense_mode=FLAGS.dense_mode,
+        templates=FLAGS.templates, background_threshold=FLAGS.background_threshold, vocabulary=FLAGS.vocabulary,
+        clip_resolution=FLAGS.clip_resolution,
     )
     values["method_config"] = method_config_from_flags(method, _kind_of(fields.get("dataset", "demo")))
     values.update(fields)

@@ -221,15 +221,19 @@ class OpenVocabEvaluator:
         self.confusion += conf
         self._images.add(image_id)
 
-    def add_counts(self, image_id: str, tp, fp, fn, pixels: int, *, confusion: Sequence[Sequence[int]]) -> None:
+    def add_counts(self, image_id: str, tp, fp, fn, pixels: int, *,
+                   confusion: Sequence[Sequence[int]] | None = None) -> None:
         """Adds an image's saved record (resume): its sparse ``confusion`` cells, checked against its TP/FP/FN.
 
         Raises:
-            ValueError: the id is already counted, the cells are malformed, cover no pixel, or disagree with the
-                record's TP/FP/FN or pixel count (the saved record is damaged).
+            ValueError: the id is already counted, the cells are missing or malformed, cover no pixel, or disagree
+                with the record's TP/FP/FN or pixel count (the saved record is damaged).
         """
         if image_id in self._images:
             raise ValueError(f"image {image_id!r} is already counted; each image must be scored once")
+        if confusion is None:
+            raise ValueError(f"the record of {image_id!r} has no confusion cells (it was not written by an "
+                             "open-vocabulary run)")
         conf = dense_confusion(confusion, self.space.num_classes)
         if int(pixels) <= 0 or int(conf.sum()) != int(pixels):
             raise ValueError(f"the confusion cells of {image_id!r} hold {int(conf.sum())} pixels but the record says "

@@ -9,14 +9,25 @@ from typing import Any
 from spark_jax.backbones.diffusion import BackboneConfig
 from spark_jax.evaluation import PROTOCOLS
 from spark_jax.masks.pamr import PamrConfig
-from spark_jax.methods import method_spec
+from spark_jax.methods import REGISTRY, method_spec
 from spark_jax.methods.registry import UPSAMPLINGS, MethodSpec
+from spark_jax.openvocab.dense import DENSE_MODES
+from spark_jax.openvocab.prompts import IMAGENET_TEMPLATES, VILD_TEMPLATES
 
-__all__ = ["BACKBONES", "ON_BAD_SAMPLE", "RunConfig"]
+__all__ = ["BACKBONES", "DENSE_MODES", "LABEL_WITH", "ON_BAD_SAMPLE", "OPEN_VOCAB_FIELDS", "TEMPLATES", "TEMPLATE_SETS",
+           "RunConfig"]
 
 # What a run does with an unreadable image or label: stop naming every bad file, or skip and list them.
 ON_BAD_SAMPLE = ("fail", "skip")
 BACKBONES = ("auto", "ssd1b", "handcrafted")
+# Open-vocabulary runs (--protocol=open_vocab; spark_jax.runner.open_vocab): how an unsupervised method's segments
+# get class names, CLIP's dense-feature variants (spark_jax.openvocab.dense), the prompt template sets.
+LABEL_WITH = ("none", "clip")
+TEMPLATE_SETS = {"imagenet": IMAGENET_TEMPLATES, "vild": VILD_TEMPLATES, "photo": ("a photo of a {}.",)}
+TEMPLATES = tuple(TEMPLATE_SETS)
+# RunConfig fields that only open-vocabulary runs read (recorded in run_config.json only for those runs).
+OPEN_VOCAB_FIELDS = ("clip_checkpoint", "label_with", "dense_mode", "templates", "background_threshold",
+                     "vocabulary", "clip_resolution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +84,21 @@ class RunConfig:
             ``diffusion_defaults``: DiffSeg's 300 and ``none``), else BackboneConfig's (50, ``jax``); the run
             records the values used.
         backbone_precision: the diffusion backbone's ``BackboneConfig.matmul_precision`` (``highest``: exact).
+        clip_checkpoint: open-vocabulary runs: a transformers ``CLIPModel`` folder or an open_clip checkpoint;
+            None: the Hugging Face cache snapshot of ``openai/clip-vit-large-patch14`` (NERVE's ViT-L/14) if present
+            (:mod:`spark_jax.runner.open_vocab`), else the run refuses, saying so.
+        label_with: ``none``, or ``clip``: an unsupervised method's segments (after PAMR) are each named by CLIP
+            mask pooling (DiffCut's open-vocabulary mode); needs ``protocol='open_vocab'``.
+        dense_mode: CLIP's dense per-patch features (:data:`DENSE_MODES`; NACLIP's by default, *our choice*: NERVE
+            does not say how it computes G).
+        templates: the prompt templates of the class embeddings (:data:`TEMPLATE_SETS`): ``imagenet`` (the 80
+            OpenAI ImageNet templates, NACLIP's), ``vild`` (DiffCut's 14) or ``photo`` ("a photo of a {}.").
+        background_threshold: a pixel (or, with ``label_with='clip'``, a segment) whose largest class probability is
+            below it becomes the background class; None: the benchmark's own (NACLIP's 0.1 on V21 / PC60 /
+            COCO-Object, else 0 = off).
+        vocabulary: a class-name file replacing the benchmark's own (one line per class, synonyms ``a, b, c``).
+        clip_resolution: side of CLIP's square input; None: the benchmark's (NACLIP's short side, 336; 448 for
+            COCO-Stuff), rounded down to a multiple of the patch size.
     """
 
     dataset: str = "demo"
@@ -104,6 +130,13 @@ class RunConfig:
     noise_file: str | None = None
     unet_dtype: str = BackboneConfig.unet_dtype
     backbone_precision: str = BackboneConfig.matmul_precision
+    clip_checkpoint: str | None = None
+    label_with: str = "none"
+    dense_mode: str = "naclip"
+    templates: str = "imagenet"
+    background_threshold: float | None = None
+    vocabulary: str | None = None
+    clip_resolution: int | None = None
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -135,6 +168,37 @@ class RunConfig:
                              f"--upsampling={spec.upsampling}.")
         if self.method_config is not None:
             spec.validate(self.method_config)
+        self._check_open_vocab(spec)
+
+    def _check_open_vocab(self, spec: MethodSpec) -> None:
+        """The open-vocabulary settings against the protocol and the method (ValueError naming the flag)."""
+        for name, value, choices in (("label_with", self.label_with, LABEL_WITH),
+                                     ("dense_mode", self.dense_mode, DENSE_MODES),
+                                     ("templates", self.templates, TEMPLATES)):
+            if value not in choices:
+                raise ValueError(f"--{name} must be one of {choices}, got {value!r}")
+        thd = self.background_threshold
+        if thd is not None and not (isinstance(thd, (int, float)) and 0.0 <= thd <= 1.0):
+            raise ValueError(f"--background_threshold must be a probability in [0, 1] (or unset for the benchmark's "
+                             f"own), got {thd!r}")
+        if self.clip_resolution is not None and (not isinstance(self.clip_resolution, int) or self.clip_resolution < 14):
+            raise ValueError(f"--clip_resolution must be an int >= 14 (CLIP's input side) or unset for the "
+                             f"benchmark's own, got {self.clip_resolution!r}")
+        if self.protocol != "open_vocab":
+            if spec.open_vocab:
+                raise ValueError(f"--method={self.method} names classes (it returns class ids of a vocabulary, not "
+                                 "segments): it runs under --protocol=open_vocab, on an open-vocabulary benchmark")
+            if self.label_with != "none":
+                raise ValueError(f"--label_with={self.label_with} names segments with class ids: it needs "
+                                 "--protocol=open_vocab (the other protocols match segments to classes)")
+            return
+        if spec.open_vocab and self.label_with != "none":
+            raise ValueError(f"--method={self.method} already returns class ids; drop --label_with={self.label_with}")
+        if not spec.open_vocab and self.label_with == "none":
+            named = [n for n, s in REGISTRY.items() if s.open_vocab]
+            raise ValueError(f"--protocol=open_vocab scores class ids, and --method={self.method} returns segment ids: "
+                             "name its segments with --label_with=clip (CLIP mask pooling, DiffCut's open-vocabulary "
+                             f"mode), or run an open-vocabulary method ({', '.join(named) or 'none registered'})")
 
     def diffusion_setting(self, name: str) -> Any:
         """A diffusion backbone setting (``timestep``, ``noise_source``, ``resolution``) as the run uses it: the
@@ -174,4 +238,7 @@ class RunConfig:
         d = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as a reloaded file has them
         d["upsampling"] = self.resolved_upsampling
         d["timestep"], d["noise_source"] = self.diffusion_setting("timestep"), self.diffusion_setting("noise_source")
+        if self.protocol != "open_vocab":  # unused there: the identity of other runs stays as it was
+            for name in OPEN_VOCAB_FIELDS:
+                del d[name]
         return d
