@@ -6,6 +6,7 @@ The public API; each name lives in the module named after its concept (see WORKS
 from spark_jax.methods.autosc import AutoSCConfig, AutoSCResult, autosc, autosc_batch
 from spark_jax.backbones.diffusion import Backbone, BackboneConfig, load_backbone
 from spark_jax.backbones.checkpoint import CheckpointError
+from spark_jax.backbones.clip import CLIP, load_clip  # noqa: F401  (issue 15: CLIP in Flax NNX)
 from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
 from spark_jax.config import SparkConfig
 from spark_jax.methods.kmeans import KMeansConfig, KMeansResult, kmeans_tokens, kmeans_tokens_batch
