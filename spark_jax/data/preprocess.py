@@ -58,7 +58,6 @@ def crop_box(height: int, width: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=256)
 def _nearest_index(in_size: int, out_size: int, exact: bool) -> np.ndarray:
     """Source indices of torch's ``nearest-exact`` (``exact=True``) or legacy ``nearest`` resize, in float32."""
     scale = np.float32(in_size) / np.float32(out_size)
