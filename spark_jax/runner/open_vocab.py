@@ -57,18 +57,20 @@ CLIP_REPO = "openai/clip-vit-large-patch14"
 
 
 def resolve_clip_checkpoint(cfg: RunConfig) -> str:
-    """``--clip_checkpoint``, else the Hugging Face cache snapshot of ``openai/clip-vit-large-patch14``.
+    """``--clip_checkpoint`` (a folder or a cached repo id), else the Hugging Face cache snapshot of
+    ``openai/clip-vit-large-patch14``.
 
     Raises:
         BackboneNotFoundError: neither exists; the message names the weights, where they were looked for and how
             to get them.
     """
-    if cfg.clip_checkpoint:
-        if not os.path.exists(cfg.clip_checkpoint):
-            raise BackboneNotFoundError(f"--clip_checkpoint={cfg.clip_checkpoint!r} does not exist; pass a "
-                                        "transformers CLIPModel folder (config.json + model.safetensors) or an "
-                                        "open_clip checkpoint folder.")
-        return cfg.clip_checkpoint
+    if cfg.clip_checkpoint:  # a folder, or a repo id of the Hugging Face cache
+        try:
+            return str(resolve_clip(cfg.clip_checkpoint))
+        except CheckpointError as err:
+            raise BackboneNotFoundError(f"--clip_checkpoint={cfg.clip_checkpoint!r}: {err}. Pass a transformers "
+                                        "CLIPModel folder (config.json + model.safetensors) or an open_clip "
+                                        "checkpoint folder.") from None
     try:
         return str(resolve_clip(CLIP_REPO))
     except CheckpointError as err:
