@@ -247,6 +247,18 @@ def test_normalize_any_size(tiny1):
     assert clip.patch_tokens(im, resize=False).shape == (1, 5, 3, 20)
 
 
+def test_text_chunks_and_reduced_precision(tiny1):
+    """Many texts run in fixed-size chunks (the same features); bfloat16 weights stay close to float32."""
+    folder, _, clip = tiny1
+    ids = clip.tokenize(TEXTS * 3)
+    np.testing.assert_allclose(np.asarray(clip.text_features(ids, batch_size=4)), np.asarray(clip.text_features(ids)),
+                               rtol=1e-5, atol=1e-6)
+    half = load_clip(folder, dtype="bfloat16")
+    ref = np.asarray(clip.encode_image(_images()))
+    err = np.abs(np.asarray(half.encode_image(_images()), np.float32) - ref).max()
+    assert err <= 0.05 * np.abs(ref).max()
+
+
 def test_one_compilation_per_shape(tiny1, compilations):
     _, _, clip = tiny1
     clip.encode_image(_images())

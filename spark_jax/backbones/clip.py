@@ -53,6 +53,8 @@ from spark_jax.models.clip_convert import (
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# Texts per text-tower call (ViT-L/14's tower at 256 x 77 tokens: ~250 MB of MLP activations in float32).
+TEXT_BATCH = 256
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 # PIL resampling codes (transformers' PILImageResampling values) by open_clip's interpolation names.
 _OPEN_CLIP_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -403,9 +405,18 @@ class CLIP:
         post_layernorm and the visual projection)."""
         return self._patches(self._state, jnp.asarray(pixel_values, jnp.float32))
 
-    def text_features(self, input_ids: jax.Array) -> jax.Array:
-        """int [T, L] ids -> [T, projection_dim]."""
-        return self._text(self._state, jnp.asarray(input_ids, jnp.int32))
+    def text_features(self, input_ids: jax.Array, *, batch_size: int = TEXT_BATCH) -> jax.Array:
+        """int [T, L] ids -> [T, projection_dim], ``batch_size`` texts per call (more are run in chunks of that
+        size, the last padded: one compiled shape, and a prompt-ensembled vocabulary of thousands of prompts never
+        holds all its activations at once)."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        t = ids.shape[0]
+        if t <= batch_size:
+            return self._text(self._state, ids)
+        pad = -t % batch_size
+        ids = jnp.concatenate([ids, jnp.broadcast_to(ids[:1], (pad, ids.shape[1]))], axis=0)
+        chunks = [self._text(self._state, ids[i:i + batch_size]) for i in range(0, t + pad, batch_size)]
+        return jnp.concatenate(chunks, axis=0)[:t]
 
     def encode_image(self, images: Any) -> jax.Array:
         """Images (see ``preprocess``) -> [B, projection_dim], = transformers' ``get_image_features``."""

@@ -278,7 +278,7 @@ class CLIPAttention(nnx.Module):
         if causal:
             logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
             allowed = jnp.tril(jnp.ones((t, t), bool))
-            probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+            probs = jax.nn.softmax(jnp.where(allowed[None, None], logits, -jnp.inf), axis=-1)
             out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
         else:
             out = dot_product_attention(q, k, v, scale=scale)
