@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from spark_jax.config import SparkConfig
-from spark_jax.data.base import BadSampleError, Dataset, Sample
+from spark_jax.data.base import BadSampleError, Dataset
 from spark_jax.data.demo import DEMO_LABEL_SPACE, demo_image
 from spark_jax.methods.spark import SparkMethodConfig
 from spark_jax.runner import BadDataError, OutputPathError, RunConfig, load_results, run

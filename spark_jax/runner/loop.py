@@ -28,7 +28,8 @@ from spark_jax.runner.scoring import pamr_refiner, score_image
 
 __all__ = ["STAGES", "Batch", "MethodCaller", "RunState", "run_batches", "verify_data"]
 
-# Stages of metrics.json's ``timing.stage_seconds``.
+# Stages of metrics.json's ``timing.stage_seconds``. ``load`` and ``write`` are the loop's own waits (for a batch
+# read ahead, for the writer and the log appends); the reading and writing threads' work is not in them.
 STAGES = ("load", "backbone", "compile", "method", "score", "write")
 
 
