@@ -11,8 +11,21 @@ figures are the medians over rounds of the time per image and of the in-round ra
 
 Usage:
   python -m experiments.bench_clip [--resolution=224] [--batch=1] [--rounds=5] [--paths=jax,jax_noynn,torch]
+                                   [--torch_threads=0]
 
 --resolution other than 224 interpolates the position embedding in both (transformers' interpolate_pos_encoding).
+
+Measured 2026-12-02 on the 2-core CPU while ~7 other processes ran (load average 8-9), 224 px, batch 1, median
+s per image over interleaved rounds (max error of both JAX paths vs torch: 1e-6 of scale):
+
+  run                          jax   jax_noynn   torch   jax/torch (in-round)
+  7 rounds, torch 2 threads   2.57      2.11     10.22   0.25 (noynn 0.22)
+  5 rounds, torch 2 threads   2.25      2.45     10.37   0.22 (noynn 0.21)
+  3 rounds, torch 1 thread    1.61        -       2.95   0.53
+
+torch's two OpenMP threads suffer most from the oversubscribed cores (one thread is 3.5x faster than two here);
+on an idle machine expect the gap to narrow. The YNNPACK option changes JAX by less than the noise, so CLIP keeps
+XLA's defaults.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ flags.DEFINE_integer("resolution", 224, "Image side in pixels (a multiple of 14)
 flags.DEFINE_integer("batch", 1, "Images per call.")
 flags.DEFINE_integer("rounds", 5, "Timed rounds after one warm-up call per path.")
 flags.DEFINE_list("paths", list(PATHS), f"Which paths, from {list(PATHS)}.")
+flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for the torch path (0: torch's default).")
 
 VIT_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                       image_size=224, patch_size=14, hidden_act="quick_gelu")
@@ -71,6 +85,8 @@ def main(argv):
         raise app.UsageError(f"--paths: unknown {sorted(unknown)}; choose from {list(PATHS)}")
     if FLAGS.resolution % 14:
         raise app.UsageError(f"--resolution={FLAGS.resolution} is not a multiple of the patch (14)")
+    if FLAGS.torch_threads:
+        torch.set_num_threads(FLAGS.torch_threads)
     t0 = time.perf_counter()
     ref, clip = build()
     print(f"built ViT-L/14 (random weights) in {time.perf_counter() - t0:.1f} s; jax {jax.__version__} on "
