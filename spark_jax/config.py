@@ -17,7 +17,8 @@ import numpy as np
 
 GlobalMode = Literal["cosine", "inner"]
 Negatives = Literal["clip", "minmax"]
-Propagation = Literal["closed_form", "iterative"]
+Propagation = Literal["closed_form", "iterative", "krylov"]
+Flow = Literal["dense", "sparse"]
 Precision = Literal["highest", "high", "default"]
 MclNorm = Literal["inf", "max_abs"]
 SharpenMode = Literal["fixed", "entropy"]
@@ -34,6 +35,8 @@ _NUMERIC = (
     "gamma",
     "propagation_tol",
     "sharpen_target",
+    "sparse_switch_mass",
+    "sparse_recovery_mass",
 )
 _STATIC = (
     "global_mode",
@@ -48,6 +51,10 @@ _STATIC = (
     "matmul_precision",
     "sharpen_mode",
     "global_source",
+    "flow",
+    "sparse_keep",
+    "sparse_recovery",
+    "propagation_block",
 )
 
 
@@ -96,8 +103,28 @@ class SparkConfig:
         never larger, so it stops at the same or an earlier iteration. On planted 32x32
         features (27 settings) both gave the same clusters; 'inf' ran 0-1 more iterations.
       propagation: 'closed_form' solves Eq. 11 with one LU factorisation (default, cheapest
-        with many label columns); 'iterative' runs Eq. 10 to its fixed point.
-      propagation_max_iter: cap of the iterative propagation.
+        with many label columns); 'iterative' runs Eq. 10 to its fixed point; 'krylov' solves Eq. 11 by
+        GMRES on blocks of `propagation_block` label columns, only those holding seeds (no N x N x N
+        factorisation: the choice for large token grids, `graph.propagation.propagate_labels`).
+      propagation_max_iter: cap of the iterative propagation (for 'krylov': of its Krylov steps per block).
+      propagation_block: label columns per GMRES solve of 'krylov' (static). Blocks without seeds are
+        skipped, so K clusters cost ceil(K / block) solves of `block` columns each.
+      flow: the Markov-flow form (static). 'dense' (the default) iterates Eq. 8 on N x N matrices;
+        'sparse' (`graph.sparse_flow.sparse_markov_flow`, our addition) switches to `sparse_keep` entries
+        per row once every row's flow is concentrated there, as van Dongen's mcl prunes with its selection
+        number. With sparse_keep >= N it is the dense form.
+      sparse_keep: k, entries kept per row by the sparse flow (static; mcl's selection number `-S`).
+        64: the planted and demo partitions of the dense form at 32 x 32 and 64 x 64 tokens
+        (experiments/bench_sparse_flow.py); the sparse iterations cost N k^2 each.
+      sparse_switch_mass: the sparse flow iterates densely while some row's `sparse_keep` largest
+        entries hold less than this fraction of its flow, in [0, 1). 0.9, as mcl's recovery percentage
+        `-pct 90`: selecting from the first iterates (a row spread over a whole region) fragments large
+        regions; 0.9 gave the dense partitions on every planted and demo input measured.
+      sparse_recovery: mcl's recovery number `-R` (static): a row whose entries surviving tau hold
+        less than `sparse_recovery_mass` of its selected mass and number fewer than this gets back its
+        largest pruned entries up to this many. 0 (the default) turns recovery off, so that the sparse
+        flow prunes exactly as the dense one (mcl's cutoff is coarse, 1/4000; tau = 1e-7 removes little).
+      sparse_recovery_mass: mcl's recovery percentage `-pct`, as a fraction in (0, 1].
       max_clusters: number of label columns kept for propagation (static). None keeps one
         column per token (exact for any number of clusters). With a bound M, the M largest
         clusters seed propagation and tokens of smaller clusters start unlabelled (they take
@@ -139,6 +166,12 @@ class SparkConfig:
     sharpen_target: float = 0.05
     sharpen_mode: SharpenMode = "fixed"
     global_source: GlobalSource = "features"
+    flow: Flow = "dense"
+    sparse_keep: int = 64
+    sparse_switch_mass: float = 0.9
+    sparse_recovery: int = 0
+    sparse_recovery_mass: float = 0.9
+    propagation_block: int = 32
 
     def __post_init__(self):
         # Only static fields are validated here: numeric ones may be tracers inside jit/vmap, or
@@ -163,9 +196,13 @@ class SparkConfig:
                 "mcl_norm (the norm of Eq. 8's convergence test) must be 'inf' (largest absolute "
                 f"row sum) or 'max_abs' (largest entry), got {self.mcl_norm!r}"
             )
-        if self.propagation not in ("closed_form", "iterative"):
+        if self.propagation not in ("closed_form", "iterative", "krylov"):
             raise ValueError(
-                f"propagation must be 'closed_form' or 'iterative', got {self.propagation!r}"
+                f"propagation must be 'closed_form', 'iterative' or 'krylov', got {self.propagation!r}"
+            )
+        if self.flow not in ("dense", "sparse"):
+            raise ValueError(
+                f"flow (the Markov-flow form) must be 'dense' or 'sparse', got {self.flow!r}"
             )
         if self.matmul_precision not in ("highest", "high", "default"):
             raise ValueError(
@@ -174,10 +211,19 @@ class SparkConfig:
             )
         if isinstance(self.expansion, bool) or not isinstance(self.expansion, int) or self.expansion < 1:
             raise ValueError(f"expansion (the matrix power l) must be an int >= 1, got {self.expansion!r}")
-        for name in ("mcl_max_iter", "propagation_max_iter"):
+        for name in ("mcl_max_iter", "propagation_max_iter", "sparse_keep", "propagation_block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if (
+            isinstance(self.sparse_recovery, bool)
+            or not isinstance(self.sparse_recovery, int)
+            or not 0 <= self.sparse_recovery <= self.sparse_keep
+        ):
+            raise ValueError(
+                f"sparse_recovery (mcl's recovery number) must be an int in [0, sparse_keep={self.sparse_keep}] "
+                f"(0 turns recovery off), got {self.sparse_recovery!r}"
+            )
         if self.max_clusters is not None and (
             isinstance(self.max_clusters, bool) or not isinstance(self.max_clusters, int) or self.max_clusters < 1
         ):
@@ -237,6 +283,10 @@ _RANGES = {
     "gamma": (0.0, False, 1.0, False,
               "the propagation weight of Eq. 10 (gamma = 1 has no fixed point; 0 ignores S)"),
     "propagation_tol": (0.0, False, np.inf, False, "the stopping threshold of Eq. 10's iteration"),
+    "sparse_switch_mass": (0.0, True, 1.0, False,
+                           "the fraction of every row's flow its sparse_keep largest entries must hold before the "
+                           "sparse flow stops iterating densely (0: sparse from the start)"),
+    "sparse_recovery_mass": (0.0, False, 1.0, True, "mcl's recovery percentage, as a fraction"),
 }
 
 

@@ -24,6 +24,7 @@ from spark_jax.graph.affinity import GlobalInputs, finite_tokens, transition_mat
 from spark_jax.config import SparkConfig
 from spark_jax.graph.markov_flow import extract_clusters, markov_flow
 from spark_jax.graph.propagation import propagate_labels, seed_matrix
+from spark_jax.graph.sparse_flow import extract_sparse_clusters, sparse_markov_flow
 from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec, Variant
 from spark_jax.presets import SPARK_PRESETS, preset_for_backbone
 from spark_jax.sharding import per_image_map
@@ -200,17 +201,15 @@ def _segment_tokens(features: jax.Array, cfg: SparkConfig, extra: GlobalInputs =
         features = features / jnp.where(scale > 0, scale, 1.0)
 
     s = transition_matrix(features, cfg, extra)
-    flow = markov_flow(
-        s,
-        expansion=cfg.expansion,
-        inflation=cfg.inflation,
-        prune_threshold=cfg.prune_threshold,
-        tol=cfg.mcl_tol,
-        max_iter=cfg.mcl_max_iter,
-        norm=cfg.mcl_norm,
-        precision=cfg.precision(),
-    )
-    clusters = extract_clusters(flow.flow)
+    mcl_args = dict(expansion=cfg.expansion, inflation=cfg.inflation, prune_threshold=cfg.prune_threshold,
+                    tol=cfg.mcl_tol, max_iter=cfg.mcl_max_iter, norm=cfg.mcl_norm, precision=cfg.precision())
+    if cfg.flow == "sparse":
+        flow = sparse_markov_flow(s, keep=cfg.sparse_keep, switch_mass=cfg.sparse_switch_mass,
+                                  recovery=cfg.sparse_recovery, recovery_mass=cfg.sparse_recovery_mass, **mcl_args)
+        clusters = extract_sparse_clusters(flow.flow)
+    else:
+        flow = markov_flow(s, **mcl_args)
+        clusters = extract_clusters(flow.flow)
     m = num_label_columns(n, cfg)
     prop = propagate_labels(
         s,
@@ -219,6 +218,7 @@ def _segment_tokens(features: jax.Array, cfg: SparkConfig, extra: GlobalInputs =
         method=cfg.propagation,
         tol=cfg.propagation_tol,
         max_iter=cfg.propagation_max_iter,
+        block=cfg.propagation_block,
         precision=cfg.precision(),
     )
     present = jnp.zeros((m,), jnp.int32).at[prop.labels].set(1)
