@@ -14,7 +14,7 @@ from spark_jax import config as config_module
 # The numeric fields: pytree leaves (traced, vmappable). Everything else is static metadata.
 NUMERIC_FIELDS = {
     "beta", "inflation", "prune_threshold", "sharpen", "local_eps", "mcl_tol", "gamma", "propagation_tol",
-    "sharpen_target",
+    "sharpen_target", "sparse_switch_mass", "sparse_recovery_mass",
 }
 
 
@@ -79,6 +79,8 @@ BAD_VALUES = [
     ("gamma", 0.0, r"\(0, 1\)"),
     ("gamma", 1.0, r"\(0, 1\)"),
     ("propagation_tol", 0.0, r"\(0, inf\)"),
+    ("sparse_switch_mass", 1.0, r"\[0, 1\)"),
+    ("sparse_recovery_mass", 0.0, r"\(0, 1\]"),
     ("beta", float("nan"), r"\[0, 1\]"),
 ]
 
