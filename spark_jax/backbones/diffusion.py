@@ -348,6 +348,12 @@ def _latent_features(
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def compiler_options(platform: str) -> dict[str, str] | None:
+    """The extractor's XLA compiler options for a device platform (``jax.Device.platform``): the XLA:CPU ones on
+    ``'cpu'``, none on any other (``'gpu'``, ``'tpu'``, ...), so no CPU-only option reaches a GPU or TPU compile."""
+    return dict(_CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+
+
 class TapInfo:
     """What a checkpoint's backbone offers (``feature_tap``, ``tap_names()``, ``tap_grid(name)``, ``resolution``),
     from its configs alone: ``tap_info`` gives one before any weight is read (to choose ``BackboneConfig.taps``),
@@ -416,7 +422,7 @@ class Backbone(TapInfo):
         self.cond = cond
         self._unet_graph, self.unet_params = nnx.split(unet)
         self._vae_graph, self.vae_params = nnx.split(vae)
-        options = _CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+        options = compiler_options(jax.default_backend())
         self._jitted = jax.jit(self._run, compiler_options=options)
         self._jitted_prepared = jax.jit(self._run_prepared, compiler_options=options)
         # One program per tap set (static): the UNet stops after the last requested tap.
@@ -608,6 +614,7 @@ __all__ = [
     "Backbone",
     "BackboneConfig",
     "Conditioning",
+    "compiler_options",
     "extract_features",
     "latent_taps",
     "load_backbone",
