@@ -175,7 +175,16 @@ def demo_images(size: int, batch: int) -> jax.Array:
     """[batch, size, size, 3] prepared images in [0, 1]: ``NUM_DISTINCT_IMAGES`` demo images of side size + 1
     (the reference crop takes min(H, W) - 1), repeated, through ``prepare_image``."""
     pool = np.stack([demo_image(i, size + 1, size + 1).image for i in range(min(batch, NUM_DISTINCT_IMAGES))])
-    return prepare_image(jnp.asarray(pool[np.arange(batch) % len(pool)]), size)
+    return _prepare(jnp.asarray(pool[np.arange(batch) % len(pool)]), size)
+
+
+_prepare = jax.jit(prepare_image, static_argnums=1)  # one program, not one per eager op
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def cast(tree: Any, dtype: jnp.dtype) -> Any:
+    """Every leaf of ``tree`` in ``dtype``, in one program (not one small compile per leaf shape)."""
+    return jax.tree.map(lambda x: x.astype(dtype), tree)
 
 
 # ------------------------------------------------------------------------------------------------ the stages
@@ -277,8 +286,7 @@ class Bench:
         vae_graph, self.vae_params = nnx.split(vae)
         unet_graph, params32 = nnx.split(unet32)
         # One model: the reduced-precision parameters are the float32 ones rounded (as load_backbone casts them).
-        self.unet_params = {d: params32 if d == "float32" else jax.tree.map(lambda x: x.astype(DTYPES[d]), params32)
-                            for d in dtypes}
+        self.unet_params = {d: params32 if d == "float32" else cast(params32, DTYPES[d]) for d in dtypes}
         self.num_params = sum(x.size for x in jax.tree.leaves(params32)) + sum(x.size for x in
                                                                              jax.tree.leaves(self.vae_params))
         self.cond = random_conditioning(unet_cfg, scheduler, latent_hw=self.latent_hw, size=size, seed=seed)

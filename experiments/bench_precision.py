@@ -68,6 +68,7 @@ from experiments.bench_pipeline import (
     DTYPES,
     TIMESTEP,
     calibrated_vae,
+    cast,
     demo_images,
     random_conditioning,
     random_module,
@@ -177,7 +178,7 @@ def measure(unet_cfg: UNetConfig, vae_cfg: VAEEncoderConfig, scheduler: dict[str
     grid = unet_cfg.tap_grid(tap, latent_hw)
 
     def run(dtype: str):
-        params = params32 if dtype == "float32" else jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params32)
+        params = params32 if dtype == "float32" else cast(params32, DTYPES[dtype])
         out = unet_fn(params, cond, latents, unet_dtype=dtype)
         feats = out[tap].reshape(num_images, *grid, -1)
         return np.asarray(feats), out
