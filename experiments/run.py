@@ -27,6 +27,7 @@ import sys
 from absl import app, flags
 
 from experiments import run_flags
+from spark_jax import distributed
 from spark_jax.data import DATASETS, DatasetNotFoundError
 from spark_jax.methods import REGISTRY
 from spark_jax.openvocab.benchmarks import BENCHMARKS as OPEN_VOCAB_BENCHMARKS
@@ -53,6 +54,12 @@ def _known_method(name: str) -> bool:
 
 flags.register_validator("method", _known_method)
 flags.DEFINE_bool("pamr", True, "Refine with PAMR after the background merge (the paper's setting).")
+flags.DEFINE_bool("distributed", False, "One process per host (jax.distributed): each evaluates its share of the "
+                  "images on its devices; process 0 writes metrics.json. Without the next three flags JAX detects "
+                  "them (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes). See the README.")
+flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0, reachable by all.")
+flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes (hosts).")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's rank, 0 .. num_processes - 1.")
 flags.DEFINE_enum("upsampling", None, ["soft_labels", "concept"],
                   "Token labels -> masks: SPARK's soft-label upsampling or DiffCut's concept assignment (default: "
                   "the method's own: soft_labels for spark, concept for the baselines).")
@@ -103,6 +110,13 @@ def summary_lines(metrics: dict) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        # Before any JAX computation: the distributed runtime must start first.
+        distributed.initialize(distributed.DistributedConfig(FLAGS.distributed, FLAGS.coordinator_address,
+                                                             FLAGS.num_processes, FLAGS.process_id))
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         cfg = config_from_flags()
         metrics = run(cfg)

@@ -45,6 +45,7 @@ __all__ = [
     "data_mesh",
     "pad_rows",
     "padded_size",
+    "per_device",
     "per_image_map",
     "put_batch",
     "put_rows",
@@ -203,6 +204,18 @@ def batch_local(fn: Callable) -> Callable:
         return jax.shard_map(fn, in_specs=spec, out_specs=spec, check_vma=False)(*args)
 
     return wrapped
+
+
+def per_device(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn(batch, params)`` run by every device of ``mesh`` on its own rows of ``batch`` (a pytree of [B, ...]
+    arrays split over ``data``) with the whole of ``params``; the results ([B, ...] leaves) split like the batch.
+
+    For functions whose rows are independent, as every method's are (their results do not depend on batching):
+    the devices then never communicate, so a vmapped loop (SPARK's Markov flow) ends on each device when its own
+    images are done, instead of all devices looping until the slowest image of the whole batch is.
+    """
+    data, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
+    return jax.shard_map(fn, mesh=mesh, in_specs=(data, whole), out_specs=data, check_vma=False)
 
 
 def per_image_map(fn: Callable, xs: Any, *, batch_size: int | None = None) -> Any:

@@ -429,6 +429,12 @@ class Backbone(TapInfo):
         self._jitted_taps = jax.jit(self._run_taps, static_argnames=("taps", "prepared_input"),
                                     compiler_options=options)
 
+    def replicate(self, sharding: jax.sharding.Sharding) -> None:
+        """Places the parameters and constants with ``sharding`` (``spark_jax.sharding.replicated(mesh)``: a copy on
+        every device), so that batches split over that mesh find them there instead of copying them every call."""
+        self.unet_params, self.vae_params, self.cond = jax.device_put(
+            (self.unet_params, self.vae_params, self.cond), sharding)
+
     @property
     def feature_shape(self) -> tuple[int, int, int]:
         """(h, w, C) of the features of one image."""

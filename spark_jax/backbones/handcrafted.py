@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spark_jax.data.preprocess import prepare_image
 from spark_jax.models.taps import check_taps, parse_tap
@@ -83,8 +84,10 @@ class HandcraftedConfig:
         return self.resolution // self.patch
 
 
-_OPPONENT = jnp.array(
-    [[1 / 3, 1 / 3, 1 / 3], [0.5, -0.5, 0.0], [0.25, 0.25, -0.5]], jnp.float32
+# A NumPy constant: a device array here would start JAX's backend at import, before a multi-host run can call
+# jax.distributed.initialize (spark_jax.distributed).
+_OPPONENT = np.array(
+    [[1 / 3, 1 / 3, 1 / 3], [0.5, -0.5, 0.0], [0.25, 0.25, -0.5]], np.float32
 )  # rows: luminance, red-green, yellow-blue
 
 

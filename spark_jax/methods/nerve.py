@@ -66,6 +66,7 @@ from spark_jax.graph.random_walk import WALKS, random_walk
 from spark_jax.masks.resample import bilinear_matrix
 from spark_jax.masks.upsample import labels_from_soft_labels, upsample_soft_labels
 from spark_jax.methods.registry import MethodContext, MethodInputs, MethodSpec
+from spark_jax.sharding import per_image_map
 
 __all__ = [
     "HANDCRAFTED_ATTENTION_MODULE",
@@ -358,7 +359,7 @@ def nerve_batch(queries: jax.Array, keys: jax.Array, class_probs: jax.Array, cfg
     side = math.isqrt(n)
     if side * side != n:
         raise ValueError(f"NERVE: the attention has {n} tokens, not a square grid")
-    return jax.lax.map(
+    return per_image_map(  # per device under a mesh (spark_jax.sharding)
         lambda x: nerve_image(*x, (side, side), cfg, mask_size=mask_size, background_threshold=background_threshold),
         (queries, keys, class_probs))
 

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+
+from spark_jax import distributed, sharding
 from spark_jax.data import Dataset, get_dataset
 from spark_jax.evaluation import Evaluator
 from spark_jax.runner.backbones import ResolvedBackbone, as_resolved, backbone_resolution, digest
 from spark_jax.runner.config import RunConfig
-from spark_jax.runner.loop import RunState, run_batches, verify_data
+from spark_jax.runner.loop import RunState, batch_slots, run_batches, verify_data
 from spark_jax.runner.metrics import clustering_time, diagnostics_mean, nonfinite_summary, progress_bar, versions
-from spark_jax.runner.rundir import atomic_write_json, open_log, open_run_dir
-from spark_jax.runner.scoring import restore_scores
+from spark_jax.runner.rundir import atomic_write_json, log_path, open_log, open_run_dir
+from spark_jax.runner.open_vocab import open_vocab_dataset, setup_open_vocab
+from spark_jax.runner.scoring import make_evaluator, restore_scores
 
 __all__ = ["open_dataset", "run", "run_identity"]
 
@@ -22,6 +26,8 @@ __all__ = ["open_dataset", "run", "run_identity"]
 def open_dataset(cfg: RunConfig) -> Dataset:
     """The dataset ``cfg`` names (the demo with its size and photos)."""
     kwargs = {"num_images": cfg.demo_images, "photos": cfg.demo_photos} if cfg.dataset == "demo" else {}
+    if cfg.protocol == "open_vocab":  # the open-vocabulary benchmarks (voc21, voc20, ...)
+        return open_vocab_dataset(cfg, **kwargs)
     return get_dataset(cfg.dataset, cfg.data_dir, **kwargs)
 
 
@@ -41,8 +47,15 @@ def run(
     backbone: Any | None = None,
     on_image: Callable[[str], None] | None = None,
     quiet: bool = False,
+    devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:
     """Evaluates ``cfg.method`` on ``cfg.dataset``; resumes what ``cfg.output_dir`` already holds.
+
+    Every device of the process takes part (:mod:`spark_jax.sharding`): batches of ``cfg.batch_size`` images,
+    rounded up to a multiple of the device count, are split over them. Started on several hosts (one process each,
+    :func:`spark_jax.distributed.initialize`), every process calls ``run`` with the same arguments: each evaluates
+    its share of the pending images and logs them in its own resume log; the scores are rebuilt from every
+    process's per-image counts, and process 0 alone writes ``metrics.json`` (every process returns it).
 
     Args:
         cfg: the run's configuration.
@@ -53,39 +66,76 @@ def run(
             ``resolution``), or a feature extractor with ``extract_features(images [B, H, W, 3] uint8) -> [B, h,
             w, C]`` and a ``resolution`` (or ``cfg.resolution``) attribute (``extract_features_prepared(x [B, S, S,
             3])`` is used when present), which provides only the features.
-        on_image: called with each image id once its results are persisted.
+        on_image: called with each image id once its results are persisted (this process's images).
         quiet: no progress bar.
+        devices: this process's devices to split the batches over (default: all of them).
 
     Returns:
         The contents of ``metrics.json``.
     """
     t_start = time.perf_counter()
     ds = dataset if dataset is not None else open_dataset(cfg)
+    ov = setup_open_vocab(cfg, ds)  # open vocabulary: CLIP and the vocabulary, before the diffusion weights load
     bb = as_resolved(cfg, backbone)
     cfg = cfg.resolved(bb.kind)  # the method's config made concrete (SPARK: the backbone's preset)
     resolution = backbone_resolution(bb.backbone)
+    mesh = sharding.data_mesh(devices)
+    processes = jax.process_count()
 
-    # The run directory: refuses another run's folder, returns what earlier sessions finished.
+    # The run directory: refuses another run's folder, returns what earlier sessions (of any process) finished.
     identity = run_identity(cfg, ds, bb, resolution)
+    if ov is not None:
+        identity["open_vocab"] = ov.identity()
     logged = open_run_dir(cfg.output_dir, identity)
-    results_path = os.path.join(cfg.output_dir, "results.jsonl")
+    results_path = log_path(cfg.output_dir, jax.process_index())
+    logs = results_path if processes == 1 else os.path.join(cfg.output_dir, "results*.jsonl")
     ids = ds.ids
     selection = list(range(len(ids) if cfg.limit is None else min(cfg.limit, len(ids))))
     wanted = {ids[i] for i in selection}
     # Only images of this run's selection count (a previous run may have had a larger --limit).
-    state = RunState(Evaluator(ds.label_space, cfg.protocol), [r for r in logged if r["id"] in wanted], [])
-    restore_scores(state.evaluator, state.records, results_path)
+    earlier = [r for r in logged if r["id"] in wanted]
+    state = RunState(make_evaluator(ds.label_space, cfg.protocol), list(earlier), [])
+    restore_scores(state.evaluator, state.records, logs)
     done = {r["id"] for r in state.records}
 
-    pending, state.skipped = verify_data(ds, [i for i in selection if ids[i] not in done], cfg.on_bad_sample, quiet)
-    progress = progress_bar(len(selection) - len(state.skipped), len(done), quiet, f"{ds.name} / {cfg.method}")
+    # This process's share of what is left (all of it with one process): every process computed the same list.
+    mine = distributed.process_shard([i for i in selection if ids[i] not in done])
+    pending, state.skipped = distributed.run_together(lambda: verify_data(ds, mine, cfg.on_bad_sample, quiet))
+    desc = f"{ds.name} / {cfg.method}" + (f" / process {jax.process_index()} of {processes}" if processes > 1 else "")
+    progress = (progress_bar(len(selection) - len(state.skipped), len(done), quiet, desc) if processes == 1
+                else progress_bar(len(pending), 0, quiet, desc))
     with open_log(results_path) as log:
-        run_batches(cfg, ds, bb, resolution, pending, state, log, on_image=on_image, progress=progress)
+        distributed.run_together(lambda: run_batches(cfg, ds, bb, resolution, pending, state, log,
+                                                     on_image=on_image, progress=progress, mesh=mesh,
+                                                     open_vocab=ov))
     progress.close()
 
-    metrics = build_metrics(cfg, ds, identity, state, time.perf_counter() - t_start, len(pending))
-    atomic_write_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
+    num_pending = len(pending)
+    if processes > 1:
+        state, num_pending = merge_processes(state, earlier, ds, cfg, logs), distributed.process_sum(num_pending)
+    metrics = build_metrics(cfg, ds, identity, state, time.perf_counter() - t_start, num_pending)
+    if ov is not None:
+        metrics.update(ov.metrics(state.evaluator.result()))
+    metrics["timing"].update(num_processes=processes, devices_per_process=mesh.size,
+                             batch_slots=batch_slots(cfg.batch_size, mesh))
+    if distributed.is_main_process():
+        atomic_write_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
+    distributed.barrier("spark_jax: metrics written")
     return metrics
+
+
+def merge_processes(state: RunState, earlier: list[dict[str, Any]], ds: Dataset, cfg: RunConfig,
+                    logs: str) -> RunState:
+    """The whole run's state from every process's: the records of earlier sessions (every process holds the same),
+    then each process's new records in process order (the order of the pending list: the shares are contiguous),
+    the skipped samples, the stage seconds summed over processes, and the scores rebuilt from the per-image TP /
+    FP / FN counts of all of them (sums of counts, as one process would have made: never a mean of means)."""
+    parts = distributed.gather_objects({"records": state.records[len(earlier):], "skipped": state.skipped})
+    records = list(earlier) + [r for p in parts for r in p["records"]]
+    merged = RunState(make_evaluator(ds.label_space, cfg.protocol), records, [s for p in parts for s in p["skipped"]],
+                      timing=distributed.process_sum(dict(state.timing)))
+    restore_scores(merged.evaluator, records, logs)
+    return merged
 
 
 def build_metrics(cfg: RunConfig, ds: Dataset, identity: dict[str, Any], state: RunState, elapsed: float,

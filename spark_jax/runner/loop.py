@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spark_jax import sharding
 from spark_jax.data import BadSampleError, Dataset, Sample
 from spark_jax.evaluation import Evaluator
 from spark_jax.runner.backbones import ResolvedBackbone
@@ -69,20 +70,29 @@ def verify_data(ds: Dataset, pending: list[int], on_bad_sample: str, quiet: bool
     return [i for i in pending if i not in bad_index], [_skip(b) for b in bad]
 
 
-def _pad(x: jax.Array, pad: int) -> jax.Array:
-    """Appends ``pad`` copies of the last entry along axis 0."""
-    return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0) if pad else x
+def batch_slots(batch_size: int, mesh: jax.sharding.Mesh) -> int:
+    """Images per backbone and method call: ``batch_size`` rounded up to a multiple of the mesh's devices, so that
+    every device gets as many (every batch is padded to it: one compilation)."""
+    return sharding.padded_size(batch_size, mesh.size)
+
+
+@functools.lru_cache(maxsize=64)
+def _on_each_device(jitted: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """A jitted method run by each device on its own images (no communication between devices inside the program),
+    once per process for each (method, mesh): runs share its compilations as they share ``jitted_method``'s."""
+    return jax.jit(sharding.per_device(jitted, mesh))
 
 
 class MethodCaller:
     """The run's method (``cfg.method``'s spec, built for the run's mask size, upsampling and feature tap),
-    compiled ahead of time once per input signature (one in practice: batches are padded to the batch size), and
-    timed on device."""
+    compiled ahead of time once per input signature (one in practice: batches are padded to ``slots``), run with
+    the batch split over ``mesh``, and timed on device."""
 
-    def __init__(self, cfg: RunConfig, feature_tap: str):
-        self.cfg, self.spec = cfg, cfg.spec
+    def __init__(self, cfg: RunConfig, feature_tap: str, mesh: jax.sharding.Mesh):
+        self.cfg, self.spec, self.mesh = cfg, cfg.spec, mesh
+        self.slots = batch_slots(cfg.batch_size, mesh)
         self.ctx = MethodContext(cfg.mask_size, cfg.resolved_upsampling, feature_tap)
-        self.jitted = jitted_method(cfg.method, self.ctx)
+        self.jitted = _on_each_device(jitted_method(cfg.method, self.ctx), mesh)
         self.executables: dict[Any, Any] = {}
 
     def _check_outputs(self, labels, diag, batch_size: int) -> None:
@@ -99,28 +109,32 @@ class MethodCaller:
             raise ValueError(f"method {self.spec.name!r}: diagnostics {bad} are not one value per image "
                              f"(shape ({batch_size},))")
 
-    def __call__(self, feats: jax.Array, taps: dict[str, jax.Array], batch: Batch,
+    def __call__(self, feats: jax.Array, taps: dict[str, jax.Array], images: jax.Array, batch: Batch,
                  state: RunState) -> tuple[np.ndarray, dict, float]:
-        """Labels [n, m, m], diagnostics {name: [n]} of the batch's n images, and the per-image seconds."""
-        pad = self.cfg.batch_size - feats.shape[0]
+        """Labels [n, m, m], diagnostics {name: [n]} of the batch's n images, and the per-image seconds.
+
+        Every input is padded to ``slots`` rows (copies of the last real one, computed and never scored: the
+        outputs' first n rows are the real images) and split over the mesh, as are the outputs."""
         inputs = MethodInputs(
-            features=_pad(feats, pad),
-            taps={k: _pad(v, pad) for k, v in taps.items()},
-            images=_pad(batch.prepared, pad),
-            num_classes=_pad(jnp.asarray(batch.num_classes, jnp.int32), pad),
-            index=_pad(jnp.asarray(batch.indices, jnp.int32), pad),
+            features=feats,
+            taps=taps,
+            images=images,
+            num_classes=np.asarray(batch.num_classes, np.int32),
+            index=np.asarray(batch.indices, np.int32),
         )
-        inputs = jax.block_until_ready(inputs)
+        inputs = jax.block_until_ready(jax.tree_util.tree_map(lambda x: sharding.put_rows(x, self.slots, self.mesh),
+                                                              inputs))
         params = self.spec.params(self.cfg.method_config, self.ctx, tuple(feats.shape[1:3]))
+        params = sharding.replicate(params, self.mesh)
         leaves, structure = jax.tree_util.tree_flatten(inputs)
         signature = (structure, tuple((a.shape, str(a.dtype)) for a in leaves),
                      jax.tree_util.tree_structure(params))
         if signature not in self.executables:
             t = time.perf_counter()
-            self.executables[signature] = self.jitted.lower(inputs, params).compile()
+            with sharding.active(self.mesh):  # the methods' per-image loops run on each device's rows
+                self.executables[signature] = self.jitted.lower(inputs, params).compile()
             # One untimed warm-up call: the first execution also pays one-off allocations.
-            self._check_outputs(*jax.block_until_ready(self.executables[signature](inputs, params)),
-                                self.cfg.batch_size)
+            self._check_outputs(*jax.block_until_ready(self.executables[signature](inputs, params)), self.slots)
             state.timing["compile"] += time.perf_counter() - t
         # The clustering time: the jitted method alone, on device, waited for (no backbone, compilation, PAMR or
         # scoring). Every slot of the padded batch is computed, so a slot's share is the per-image time.
@@ -129,7 +143,7 @@ class MethodCaller:
         seconds = time.perf_counter() - t
         state.timing["method"] += seconds
         n = len(batch.samples)
-        return np.asarray(labels)[:n], {k: np.asarray(v)[:n] for k, v in diag.items()}, seconds / self.cfg.batch_size
+        return np.asarray(labels)[:n], {k: np.asarray(v)[:n] for k, v in diag.items()}, seconds / self.slots
 
 
 def _finish(log, state: RunState, on_image: Callable[[str], None] | None, rec: dict[str, Any]) -> None:
@@ -141,45 +155,57 @@ def _finish(log, state: RunState, on_image: Callable[[str], None] | None, rec: d
 
 
 def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: int, pending: list[int],
-                state: RunState, log, *, on_image: Callable[[str], None] | None, progress) -> None:
+                state: RunState, log, *, on_image: Callable[[str], None] | None, progress,
+                mesh: jax.sharding.Mesh | None = None) -> None:
     """Evaluates the ``pending`` images batch by batch, appending each finished image to ``state`` and to the
     resume log ``log`` once its files are written. Images are read ahead and written behind in
-    ``cfg.loader_workers`` threads; both sets of threads are stopped, whatever ends the loop."""
-    loader = BatchLoader(ds, pending, batch_size=cfg.batch_size, resolution=resolution, mask_size=cfg.mask_size,
+    ``cfg.loader_workers`` threads; both sets of threads are stopped, whatever ends the loop.
+
+    Batches of ``batch_slots(cfg.batch_size, mesh)`` images are split over ``mesh`` (default: every device of this
+    process, :func:`spark_jax.sharding.data_mesh`); a short last batch is padded with masked copies."""
+    mesh = sharding.data_mesh() if mesh is None else mesh
+    if hasattr(bb.backbone, "replicate"):  # the diffusion backbone: its parameters on every device, once
+        bb.backbone.replicate(sharding.replicated(mesh))
+    loader = BatchLoader(ds, pending, batch_size=batch_slots(cfg.batch_size, mesh), resolution=resolution, mask_size=cfg.mask_size,
                          protocol=cfg.protocol, on_bad_sample=cfg.on_bad_sample, skipped=state.skipped,
                          workers=cfg.loader_workers, prefetch_batches=cfg.prefetch_batches, timing=state.timing)
     # One writing thread (PNG encoding and fsync release the GIL); images written behind at most a few batches.
     writer = OutputWriter(workers=min(1, cfg.loader_workers), max_pending=cfg.prefetch_batches * cfg.batch_size,
                           timing=state.timing)
     with loader, writer:  # a clean end commits every written image; an error commits nothing more
-        _batch_loop(cfg, ds, bb, resolution, state, log, loader, writer, on_image=on_image, progress=progress)
+        _batch_loop(cfg, ds, bb, resolution, state, log, loader, writer, mesh, on_image=on_image, progress=progress)
 
 
 def _batch_loop(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: int, state: RunState, log,
-                loader: BatchLoader, writer: OutputWriter, *, on_image, progress) -> None:
+                loader: BatchLoader, writer: OutputWriter, mesh: jax.sharding.Mesh, *, on_image, progress) -> None:
     backbone = bb.backbone
     feature_tap = backbone.feature_tap
     taps = tuple(dict.fromkeys(cfg.spec.taps(cfg.method_config, backbone)))  # in order, without repeats
     if feature_tap not in taps:
         taps = (feature_tap, *taps)  # MethodInputs.features is always there
     grid = token_grid(backbone, feature_tap)
-    method = MethodCaller(cfg, feature_tap)
+    method = MethodCaller(cfg, feature_tap, mesh)
     space = ds.label_space
     for loaded in loader:  # in order; the wait is timing["load"]; unreadable samples raised or skipped there
         batch = Batch(*loaded)
 
         t = time.perf_counter()
         cache = cfg.feature_cache if cfg.spec.cache_taps else None  # some methods' taps are too large to keep
-        values = batch_taps(backbone, bb.key, cache, cfg.dataset, resolution, batch.samples, batch.prepared, taps)
+        # The batch padded to the method's slots and split over the devices; the backbone runs on it sharded (taps
+        # read from the cache come back as the real rows only, and are padded and placed alike).
+        images = sharding.put_rows(batch.prepared, method.slots, mesh)
+        with sharding.active(mesh):
+            values = batch_taps(backbone, bb.key, cache, cfg.dataset, resolution, batch.samples, images, taps)
+        values = {t: sharding.put_rows(v, method.slots, mesh) for t, v in values.items()}
         feats = feature_map(values[feature_tap], grid, feature_tap)
-        # One small reduction per batch (the method syncs on its outputs anyway).
-        nonfinite = np.asarray(jnp.sum(~jnp.all(jnp.isfinite(feats), axis=-1), axis=(1, 2)))
+        # One small reduction per batch (the method syncs on its outputs anyway); padded rows are not looked at.
+        nonfinite = np.asarray(jnp.sum(~jnp.all(jnp.isfinite(feats), axis=-1), axis=(1, 2)))[: len(batch.samples)]
         state.timing["backbone"] += time.perf_counter() - t
         if nonfinite.any() and not cfg.allow_nonfinite_features:
             found = [(s.image_id, int(n)) for s, n in zip(batch.samples, nonfinite) if n]
             raise nonfinite_error(found, feats.shape[1] * feats.shape[2], bb.description)
 
-        labels, diag, per_image_seconds = method(feats, values, batch, state)
+        labels, diag, per_image_seconds = method(feats, values, images, batch, state)
         small = resize_image(batch.prepared, cfg.mask_size, cfg.mask_size)
 
         for j, (i, s) in enumerate(zip(batch.indices, batch.samples)):

@@ -4,20 +4,30 @@
 Every file is written atomically (a temporary file, fsynced, then renamed), so a crash leaves the old file or the
 new one, never half of one; ``results.jsonl`` is appended one fsynced line per finished image, so a crash leaves
 at most a torn last line, which :func:`load_results` drops.
+
+In a run of several processes (:mod:`spark_jax.distributed`) process k > 0 logs into ``results.process<k>.jsonl``
+(process 0 into ``results.jsonl``, so a one-process run's folder is unchanged), and every log of the folder counts:
+a resume may use another number of processes. Process 0 alone writes ``run_config.json``; the folder must be on a
+filesystem every process sees (NFS, a GCS FUSE mount, ...), which :func:`open_run_dir` checks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
+import hashlib
 import io
 import json
 import os
+import re
 from typing import Any, TextIO
 
+import jax
 import numpy as np
 from PIL import Image
 
+from spark_jax import distributed
 from spark_jax.runner.errors import CorruptRunError, OutputPathError, output_error
 
 __all__ = [
@@ -29,6 +39,8 @@ __all__ = [
     "check_identity",
     "load_results",
     "load_run_config",
+    "load_run_results",
+    "log_path",
     "make_output_dirs",
     "open_log",
     "open_run_dir",
@@ -180,22 +192,80 @@ def check_identity(previous: dict[str, Any], current: dict[str, Any], path: str)
     )
 
 
+def log_path(out: str, process: int = 0) -> str:
+    """The resume log of ``process`` in the run folder ``out`` (``results.jsonl`` for process 0)."""
+    return os.path.join(out, "results.jsonl" if process == 0 else f"results.process{process}.jsonl")
+
+
+def _log_paths(out: str) -> list[str]:
+    """Every resume log of the run folder ``out``, process 0's first, then by process number."""
+    others = [p for p in glob.glob(os.path.join(glob.escape(out), "results.process*.jsonl"))
+              if re.fullmatch(r"results\.process[1-9]\d*\.jsonl", os.path.basename(p))]
+    others.sort(key=lambda p: int(os.path.basename(p)[len("results.process"):-len(".jsonl")]))
+    return [log_path(out), *others]
+
+
+def load_run_results(out: str) -> list[dict[str, Any]]:
+    """The records of every resume log of the run folder ``out`` (:func:`load_results` of each; an image in two
+    keeps the first)."""
+    records, seen = [], set()
+    for path in _log_paths(out):
+        for rec in load_results(path):
+            if rec["id"] not in seen:
+                seen.add(rec["id"])
+                records.append(rec)
+    return records
+
+
+def _view(config_path: str, records: list[dict[str, Any]]) -> str:
+    """What a process sees of the run folder: its run_config.json and the images logged (a digest)."""
+    h = hashlib.sha256()
+    with open(config_path, "rb") as f:
+        h.update(f.read())
+    h.update("\n".join(sorted(r["id"] for r in records)).encode())
+    return h.hexdigest()
+
+
 def open_run_dir(out: str, identity: dict[str, Any]) -> list[dict[str, Any]]:
     """Opens the run directory ``out`` for the run ``identity`` describes (the contents of ``run_config.json``).
 
     Creates the folders; refuses (ValueError) a folder holding a run with another identity; records the identity;
-    returns the results already logged, and rewrites the log without a torn tail so that appends start on a fresh
-    line.
+    returns the results already logged (by any process), and rewrites this process's log without a torn tail so
+    that appends start on a fresh line.
+
+    With several processes every process calls it: each checks the identity, process 0 writes it, and each then
+    confirms it sees the same run_config.json and the same logged images as the others (else ValueError on every
+    process: the folder is not on a filesystem they share).
     """
     make_output_dirs(out)
     config_path = os.path.join(out, "run_config.json")
+    problem = None
     if os.path.exists(config_path):
-        check_identity(load_run_config(config_path), identity, config_path)
-    atomic_write_json(config_path, identity)
-    results_path = os.path.join(out, "results.jsonl")
-    logged = load_results(results_path)
-    if logged:
-        atomic_write_bytes(results_path, "".join(json.dumps(r) + "\n" for r in logged).encode())
+        try:
+            check_identity(load_run_config(config_path), identity, config_path)
+        except ValueError as err:  # CorruptRunError included
+            if jax.process_count() == 1:
+                raise
+            problem = str(err)
+    distributed.check_all(problem)  # every process stops, or none
+    if distributed.is_main_process():
+        atomic_write_json(config_path, identity)
+    results_path = log_path(out, jax.process_index())
+    own = load_results(results_path)
+    if own:
+        atomic_write_bytes(results_path, "".join(json.dumps(r) + "\n" for r in own).encode())
+    if jax.process_count() == 1:
+        return load_run_results(out)
+    distributed.barrier("spark_jax: run folder written")  # run_config.json written, every log without a torn tail
+    logged = load_run_results(out)
+    views = distributed.gather_objects(_view(config_path, logged) if os.path.exists(config_path) else None)
+    if len(set(views)) != 1:
+        raise ValueError(
+            f"the processes of this run see different contents of --output_dir={out!r} (run_config.json or the "
+            "results logs differ or are missing on some hosts): put it on a filesystem every host mounts (NFS, a GCS "
+            "FUSE mount, ...)")
+    # Nobody appends before everyone has read the logs: every process starts from the same finished images.
+    distributed.barrier("spark_jax: run folder read")
     return logged
 
 
