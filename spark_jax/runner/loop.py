@@ -88,10 +88,12 @@ class MethodCaller:
     compiled ahead of time once per input signature (one in practice: batches are padded to ``slots``), run with
     the batch split over ``mesh``, and timed on device."""
 
-    def __init__(self, cfg: RunConfig, feature_tap: str, mesh: jax.sharding.Mesh):
+    def __init__(self, cfg: RunConfig, feature_tap: str, mesh: jax.sharding.Mesh, open_vocab=None):
         self.cfg, self.spec, self.mesh = cfg, cfg.spec, mesh
         self.slots = batch_slots(cfg.batch_size, mesh)
-        self.ctx = MethodContext(cfg.mask_size, cfg.resolved_upsampling, feature_tap)
+        # Open-vocabulary methods apply the run's background threshold themselves (they have the probabilities).
+        threshold = open_vocab.background_threshold if open_vocab is not None and self.spec.open_vocab else 0.0
+        self.ctx = MethodContext(cfg.mask_size, cfg.resolved_upsampling, feature_tap, background_threshold=threshold)
         self.jitted = _on_each_device(jitted_method(cfg.method, self.ctx), mesh)
         self.executables: dict[Any, Any] = {}
 
@@ -110,7 +112,7 @@ class MethodCaller:
                              f"(shape ({batch_size},))")
 
     def __call__(self, feats: jax.Array, taps: dict[str, jax.Array], images: jax.Array, batch: Batch,
-                 state: RunState) -> tuple[np.ndarray, dict, float]:
+                 state: RunState, class_probs: jax.Array | None = None) -> tuple[np.ndarray, dict, float]:
         """Labels [n, m, m], diagnostics {name: [n]} of the batch's n images, and the per-image seconds.
 
         Every input is padded to ``slots`` rows (copies of the last real one, computed and never scored: the
@@ -121,6 +123,7 @@ class MethodCaller:
             images=images,
             num_classes=np.asarray(batch.num_classes, np.int32),
             index=np.asarray(batch.indices, np.int32),
+            class_probs=class_probs,
         )
         inputs = jax.block_until_ready(jax.tree_util.tree_map(lambda x: sharding.put_rows(x, self.slots, self.mesh),
                                                               inputs))
@@ -156,13 +159,16 @@ def _finish(log, state: RunState, on_image: Callable[[str], None] | None, rec: d
 
 def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: int, pending: list[int],
                 state: RunState, log, *, on_image: Callable[[str], None] | None, progress,
-                mesh: jax.sharding.Mesh | None = None) -> None:
+                mesh: jax.sharding.Mesh | None = None, open_vocab=None) -> None:
     """Evaluates the ``pending`` images batch by batch, appending each finished image to ``state`` and to the
     resume log ``log`` once its files are written. Images are read ahead and written behind in
     ``cfg.loader_workers`` threads; both sets of threads are stopped, whatever ends the loop.
 
     Batches of ``batch_slots(cfg.batch_size, mesh)`` images are split over ``mesh`` (default: every device of this
-    process, :func:`spark_jax.sharding.data_mesh`); a short last batch is padded with masked copies."""
+    process, :func:`spark_jax.sharding.data_mesh`); a short last batch is padded with masked copies.
+
+    ``open_vocab`` (:class:`spark_jax.runner.open_vocab.OpenVocab`, open-vocabulary runs): CLIP's class
+    probabilities go to the method, ``--label_with=clip`` names its segments, and the scores are of class ids."""
     mesh = sharding.data_mesh() if mesh is None else mesh
     if hasattr(bb.backbone, "replicate"):  # the diffusion backbone: its parameters on every device, once
         bb.backbone.replicate(sharding.replicated(mesh))
@@ -173,18 +179,20 @@ def run_batches(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
     writer = OutputWriter(workers=min(1, cfg.loader_workers), max_pending=cfg.prefetch_batches * cfg.batch_size,
                           timing=state.timing)
     with loader, writer:  # a clean end commits every written image; an error commits nothing more
-        _batch_loop(cfg, ds, bb, resolution, state, log, loader, writer, mesh, on_image=on_image, progress=progress)
+        _batch_loop(cfg, ds, bb, resolution, state, log, loader, writer, mesh, on_image=on_image, progress=progress,
+                    open_vocab=open_vocab)
 
 
 def _batch_loop(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: int, state: RunState, log,
-                loader: BatchLoader, writer: OutputWriter, mesh: jax.sharding.Mesh, *, on_image, progress) -> None:
+                loader: BatchLoader, writer: OutputWriter, mesh: jax.sharding.Mesh, *, on_image, progress,
+                open_vocab=None) -> None:
     backbone = bb.backbone
     feature_tap = backbone.feature_tap
     taps = tuple(dict.fromkeys(cfg.spec.taps(cfg.method_config, backbone)))  # in order, without repeats
     if feature_tap not in taps:
         taps = (feature_tap, *taps)  # MethodInputs.features is always there
     grid = token_grid(backbone, feature_tap)
-    method = MethodCaller(cfg, feature_tap, mesh)
+    method = MethodCaller(cfg, feature_tap, mesh, open_vocab)
     space = ds.label_space
     for loaded in loader:  # in order; the wait is timing["load"]; unreadable samples raised or skipped there
         batch = Batch(*loaded)
@@ -205,20 +213,32 @@ def _batch_loop(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
             found = [(s.image_id, int(n)) for s, n in zip(batch.samples, nonfinite) if n]
             raise nonfinite_error(found, feats.shape[1] * feats.shape[2], bb.description)
 
-        labels, diag, per_image_seconds = method(feats, values, images, batch, state)
+        clip = None  # open-vocabulary runs: dense CLIP features and class probabilities of the padded batch
+        if open_vocab is not None:
+            t = time.perf_counter()
+            clip = jax.block_until_ready(open_vocab.encode(images))
+            state.timing["backbone"] += time.perf_counter() - t
+        labels, diag, per_image_seconds = method(feats, values, images, batch, state,
+                                                 class_probs=None if clip is None else clip[1])
         small = resize_image(batch.prepared, cfg.mask_size, cfg.mask_size)
+        if open_vocab is not None and open_vocab.label_with == "clip":  # segments -> PAMR -> CLIP's class names
+            labels = open_vocab.name_segments(labels, small, clip[0][: len(batch.samples)])
 
         for j, (i, s) in enumerate(zip(batch.indices, batch.samples)):
             t = time.perf_counter()
-            refine = pamr_refiner(small[j], cfg.pamr_config) if cfg.pamr else None
-            final, score = score_image(state.evaluator, s.image_id, labels[j], batch.labels[j], refine)
+            if open_vocab is not None:
+                refine = open_vocab.refiner(small[j])  # PAMR keeping class ids; none after --label_with
+            else:
+                refine = pamr_refiner(small[j], cfg.pamr_config) if cfg.pamr else None
+            final, score = score_image(state.evaluator, s.image_id, labels[j], batch.labels[j], refine,
+                                       class_ids=open_vocab is not None)
             rec: dict[str, Any] = {"id": s.image_id, "index": int(i), "clustering_seconds": per_image_seconds,
                                    "num_classes_present": batch.num_classes[j],
                                    "nonfinite_feature_tokens": int(nonfinite[j]), **score}
             state.timing["score"] += time.perf_counter() - t
 
             rec["diagnostics"] = {k: v[j].item() for k, v in diag.items()}
-            rec["num_predicted_segments"] = int(final.max()) + 1
+            rec["num_predicted_segments"] = int(np.unique(final).size)  # ids are contiguous, or class ids
             # Files written in the writer's thread; the record logged (then on_image) once they exist (timing
             # "write": the loop's waits and logging).
             writer.submit(functools.partial(write_image_outputs, cfg.output_dir, s.image_id, final, batch.prepared[j],
