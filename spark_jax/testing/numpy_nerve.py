@@ -11,21 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from spark_jax.testing.numpy_reference import row_norm  # SPARK's RowNorm (a massless row -> a self-loop)
+
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     return float(a @ b / (na * nb)) if na > 1e-12 and nb > 1e-12 else 0.0
-
-
-def row_norm(a: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(a, dtype=np.float64)
-    for i in range(a.shape[0]):
-        total = a[i].sum()
-        if total > 0:
-            out[i] = a[i] / total
-        else:
-            out[i, i] = 1.0
-    return out
 
 
 def head_entropies(q: np.ndarray, k: np.ndarray) -> np.ndarray:
