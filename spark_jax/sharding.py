@@ -213,9 +213,19 @@ def per_device(fn: Callable, mesh: Mesh) -> Callable:
     For functions whose rows are independent, as every method's are (their results do not depend on batching):
     the devices then never communicate, so a vmapped loop (SPARK's Markov flow) ends on each device when its own
     images are done, instead of all devices looping until the slowest image of the whole batch is.
+
+    On CPUs each device calls ``fn`` on one image at a time (``lax.map`` over batches of one): batching buys no
+    parallelism there (WORKSPACE: SPARK's ``chunk_size=1`` is the faster on a CPU), and with several CPU devices
+    jaxlib's batched LAPACK LU (SPARK's closed-form propagation) deadlocks in its thread pool (jax 0.10.2, every
+    worker waiting in ``lapack_sgetrf_ffi``'s ParallelBatchMap; measured with two devices holding two images each).
     """
     data, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
-    return jax.shard_map(fn, mesh=mesh, in_specs=(data, whole), out_specs=data, check_vma=False)
+    body = fn
+    if mesh.devices.flat[0].platform == "cpu":
+        def body(batch, params):
+            one = jax.lax.map(lambda row: fn(jax.tree_util.tree_map(lambda x: x[None], row), params), batch)
+            return jax.tree_util.tree_map(lambda y: y[:, 0], one)  # [B, 1, ...] -> [B, ...]
+    return jax.shard_map(body, mesh=mesh, in_specs=(data, whole), out_specs=data, check_vma=False)
 
 
 def per_image_map(fn: Callable, xs: Any, *, batch_size: int | None = None) -> Any:

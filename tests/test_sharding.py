@@ -1,0 +1,244 @@
+"""Data parallelism over a process's devices (spark_jax.sharding): sharded runs give the single-device results.
+
+Specification: a batch is padded to a multiple of the device count with masked copies that are never scored; every
+registered method, and the backbones, keep the batch split over the devices inside jit (their compiled programs
+gather nothing) and give the labels of a single-device run image for image; so does the runner on the demo.
+
+The module is meant to run in its own process with several simulated CPU devices; .ci/run runs it twice::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 .venv-test/bin/python -m pytest tests/test_sharding.py -q
+    XLA_FLAGS=--xla_force_host_platform_device_count=1 .venv-test/bin/python -m pytest tests/test_sharding.py -q
+
+In the default suite (one device) the same tests compare a one-device mesh with the plain programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spark_jax import sharding
+from spark_jax.backbones.handcrafted import HandcraftedBackbone, HandcraftedConfig
+from spark_jax.config import SparkConfig
+from spark_jax.data.demo import demo_image
+from spark_jax.data.preprocess import prepare_image
+from spark_jax.methods import REGISTRY
+from spark_jax.methods.registry import MethodContext, MethodInputs, jitted_method
+from spark_jax.methods.spark import SparkMethodConfig
+from spark_jax.runner import RunConfig, load_results, run
+
+DEVICES = jax.devices()
+D = len(DEVICES)
+
+
+def _split(x, mesh) -> bool:
+    """Whether ``x`` is split over ``mesh`` along its batch axis (on one device: any equivalent sharding)."""
+    return x.sharding.is_equivalent_to(sharding.batch_sharding(mesh), x.ndim)
+
+
+def _compiled_text(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_the_device_count_is_the_one_the_flag_asks_for():
+    flag = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if flag is not None:
+        assert D == int(flag.group(1))
+    assert sharding.data_mesh().size == len(jax.local_devices())
+
+
+@pytest.mark.parametrize("n, multiple, size", [(1, 4, 4), (4, 4, 4), (5, 4, 8), (3, 1, 3), (0, 4, 4)])
+def test_padded_size_rounds_up_to_a_multiple_and_is_never_empty(n, multiple, size):
+    assert sharding.padded_size(n, multiple) == size
+
+
+def test_pad_rows_appends_masked_copies_of_the_last_row():
+    x = np.arange(6).reshape(3, 2)
+    padded, mask = sharding.pad_rows(x, multiple=4)
+    np.testing.assert_array_equal(padded, [[0, 1], [2, 3], [4, 5], [4, 5]])
+    np.testing.assert_array_equal(mask, [True, True, True, False])
+    same, mask = sharding.pad_rows(x, 3)
+    assert same is x and mask.all()
+
+
+def test_bad_padding_and_placement_are_named():
+    with pytest.raises(ValueError, match="cannot pad 3 rows to 2"):
+        sharding.pad_rows(np.zeros((3, 1)), 2)
+    with pytest.raises(ValueError, match="0 rows"):
+        sharding.pad_rows(np.zeros((0, 1)), 4)
+    mesh = sharding.data_mesh()
+    if D > 1:
+        with pytest.raises(ValueError, match=f"cannot be split over {D} devices; pad its rows"):
+            sharding.put_batch(np.zeros((D + 1, 2)), mesh)
+    with pytest.raises(ValueError, match="do not fit"):
+        sharding.put_rows(np.zeros((D + 1, 2)), D, mesh)
+
+
+def test_put_rows_pads_and_splits_the_batch_over_the_devices():
+    mesh = sharding.data_mesh()
+    x = sharding.put_rows(jnp.arange(3.0)[:, None], sharding.padded_size(3, D), mesh)
+    assert _split(x, mesh)
+    np.testing.assert_array_equal(np.asarray(x)[:, 0], [0, 1, 2] + [2] * (x.shape[0] - 3))
+    assert _split(sharding.put_rows(x, x.shape[0], mesh), mesh)
+
+
+def test_per_image_map_runs_each_devices_images_and_matches_lax_map():
+    mesh = sharding.data_mesh()
+
+    def one(z):  # an eigensolver in a loop: what NCut's and AutoSC's per-image programs hold
+        return jnp.linalg.eigh(z @ z.T)[0]
+
+    x = np.random.default_rng(0).normal(size=(2 * D, 5, 5)).astype(np.float32)
+    want = np.asarray(jax.jit(lambda v: jax.lax.map(one, v))(x))
+    placed = sharding.put_batch(x, mesh)
+    with sharding.active(mesh):
+        compiled = jax.jit(lambda v: sharding.per_image_map(one, v)).lower(placed).compile()
+    if D > 1:  # a plain lax.map over the split batch gathers it onto every device
+        assert "all-gather" in _compiled_text(lambda v: jax.lax.map(one, v), placed)
+    assert "all-gather" not in compiled.as_text()
+    got = compiled(placed)
+    assert _split(got, mesh)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    with sharding.active(mesh), pytest.raises(ValueError, match="cannot be split over"):
+        if D == 1:
+            raise ValueError("cannot be split over")  # every batch divides over one device
+        jax.jit(lambda v: sharding.per_image_map(one, v))(x[: D + 1])
+
+
+# --------------------------------------------------------------------------- every registered method, tiny
+RES, MASK = 64, 32  # the handcrafted backbone at 64 px: 8 x 8 tokens
+DEMO_SPARK = SparkMethodConfig(spark=SparkConfig(sharpen=5.0, beta=0.8, inflation=1.5))
+
+
+def _method_inputs(spec, config, n):
+    backbone = HandcraftedBackbone(HandcraftedConfig(resolution=RES))
+    images = jnp.stack([prepare_image(jnp.asarray(demo_image(i, 48, 64).image), RES) for i in range(n)])
+    taps = tuple(dict.fromkeys((backbone.feature_tap, *spec.taps(config, backbone))))
+    values = backbone.extract_prepared(images, taps)
+    feats = values[backbone.feature_tap].reshape(n, 8, 8, -1)
+    class_probs = None
+    if spec.open_vocab:  # CLIP's per-patch probabilities of 3 classes on a 4 x 4 patch grid, planted
+        logits = np.random.default_rng(1).normal(size=(n, 4, 4, 3)).astype(np.float32)
+        class_probs = jax.nn.softmax(3 * jnp.asarray(logits), axis=-1)
+    return MethodInputs(features=feats, taps=values, images=images, num_classes=jnp.full((n,), 3, jnp.int32),
+                        index=jnp.arange(n, dtype=jnp.int32), class_probs=class_probs)
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def _tiny_config(name, spec):
+    if name == "spark":
+        return DEMO_SPARK
+    config = spec.resolve_config(None, "handcrafted")
+    if name == "diffseg":  # its anchor grid must fit the 8 x 8 tokens
+        config = dataclasses.replace(config, num_points=4)
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_method_runs_on_each_devices_images_and_gives_the_single_device_labels(name):
+    # As the runner calls it (spark_jax.runner.loop): inside shard_map over the data axis (sharding.per_device).
+    spec = REGISTRY[name]
+    config = _tiny_config(name, spec)
+    ctx = MethodContext(MASK, spec.upsampling, HandcraftedBackbone.feature_tap)
+    n = 2 * D
+    inputs = _method_inputs(spec, config, n)
+    params = spec.params(config, ctx, (8, 8))
+    fn = jitted_method(name, ctx)
+    want_labels, want_diag = jax.device_get(fn(inputs, params))  # no mesh: the plain program on one device
+
+    mesh = sharding.data_mesh()
+    placed = jax.tree_util.tree_map(lambda x: sharding.put_batch(x, mesh), inputs)
+    with sharding.active(mesh):
+        compiled = jax.jit(sharding.per_device(fn, mesh)).lower(placed, sharding.replicate(params, mesh)).compile()
+    found = [c for c in COLLECTIVES if c in compiled.as_text()]
+    assert not found, f"{name}: the devices communicate ({found}) although every image is independent"
+    labels, diag = compiled(placed, sharding.replicate(params, mesh))
+    assert _split(labels, mesh)
+    np.testing.assert_array_equal(np.asarray(labels), want_labels)
+    assert sorted(diag) == sorted(want_diag)
+    for k, v in diag.items():
+        np.testing.assert_allclose(np.asarray(v), want_diag[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {k}")
+
+
+# --------------------------------------------------------------------------- the runner on the demo
+def _demo_cfg(out, method="spark", **kw):
+    base = dict(dataset="demo", backbone="handcrafted", resolution=RES, mask_size=MASK, demo_images=5,
+                demo_photos=False, num_overlays=1, output_dir=str(out), method=method)
+    if method == "spark":
+        base["method_config"] = DEMO_SPARK
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _same_run(a, b):
+    """The two run folders hold the same images with the same scores, diagnostics and prediction files."""
+    ra = {r["id"]: r for r in load_results(os.path.join(a, "results.jsonl"))}
+    rb = {r["id"]: r for r in load_results(os.path.join(b, "results.jsonl"))}
+    assert sorted(ra) == sorted(rb)
+    for i in ra:
+        for key in ("scored", "tp", "fp", "fn", "pixels", "num_predicted_segments", "diagnostics"):
+            assert ra[i].get(key) == rb[i].get(key), (i, key)
+        pa, pb = (open(os.path.join(d, "predictions", f"{i}.png"), "rb").read() for d in (a, b))
+        assert pa == pb, i
+    ma, mb = (json.load(open(os.path.join(d, "metrics.json"))) for d in (a, b))
+    for key in ("miou", "pixel_accuracy", "per_class_iou", "num_images_scored", "diagnostics_mean"):
+        assert ma[key] == mb[key], key
+
+
+def test_a_sharded_demo_run_gives_the_single_device_results_and_scores_no_padding(tmp_path):
+    # 5 images in batches of 3: slots of 3 on one device, of 4 on four (a short batch either way: padded, masked).
+    one = run(_demo_cfg(tmp_path / "one", batch_size=3), quiet=True, devices=DEVICES[:1])
+    every = run(_demo_cfg(tmp_path / "every", batch_size=3), quiet=True)
+    assert (one["timing"]["batch_slots"], every["timing"]["batch_slots"]) == (3, sharding.padded_size(3, D))
+    assert every["timing"]["devices_per_process"] == D
+    ids = [r["id"] for r in load_results(str(tmp_path / "every" / "results.jsonl"))]
+    assert len(ids) == len(set(ids)) == 5 == every["num_images_scored"]  # the padded copies were never scored
+    _same_run(str(tmp_path / "one"), str(tmp_path / "every"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(n for n, s in REGISTRY.items() if not s.open_vocab and n != "spark"))
+def test_every_unsupervised_method_runs_sharded_to_the_single_device_results(tmp_path, method):
+    config = _tiny_config(method, REGISTRY[method])
+    kw = dict(batch_size=2, demo_images=3, method_config=config)
+    run(_demo_cfg(tmp_path / "one", method, **kw), quiet=True, devices=DEVICES[:1])
+    run(_demo_cfg(tmp_path / "every", method, **kw), quiet=True)
+    _same_run(str(tmp_path / "one"), str(tmp_path / "every"))
+
+
+@pytest.mark.slow
+def test_the_diffusion_backbone_runs_sharded_to_the_single_device_features(tmp_path, monkeypatch):
+    from test_backbone_helpers import build_tiny_pipeline
+
+    from spark_jax.backbones.diffusion import BackboneConfig, load_backbone
+
+    monkeypatch.setenv("SPARK_JAX_CACHE", str(tmp_path / "cache"))
+    backbone = load_backbone(build_tiny_pipeline(tmp_path / "tiny", "sdxl"), BackboneConfig(resolution=128))
+    attn = backbone.feature_tap.rsplit(":", 1)[0]
+    taps = (backbone.feature_tap, f"{attn}:probs_mean")
+    rng = np.random.default_rng(0)
+    images = rng.random((2 * D, 128, 128, 3)).astype(np.float32)
+    want = jax.device_get(backbone.extract_prepared(images, taps))  # one device, no mesh
+
+    mesh = sharding.data_mesh()
+    backbone.replicate(sharding.replicated(mesh))
+    placed = sharding.put_batch(images, mesh)
+    with sharding.active(mesh):
+        got = backbone.extract_prepared(placed, taps)
+        text = backbone._jitted_taps.lower(backbone.unet_params, backbone.vae_params, backbone.cond, placed,
+                                           taps=taps, prepared_input=True).compile().as_text()
+    assert "all-gather" not in text  # attention's (batch, head) blocks run on each device's images
+    for t in taps:
+        assert _split(got[t], mesh)
+        scale = np.max(np.abs(want[t]))
+        np.testing.assert_allclose(np.asarray(got[t]), want[t], rtol=0, atol=1e-4 * scale, err_msg=t)
