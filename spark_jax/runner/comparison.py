@@ -25,7 +25,7 @@ from spark_jax.runner.backbones import ResolvedBackbone, backbone_kind, resolve_
 from spark_jax.methods import REGISTRY, MethodSpec, method_spec
 from spark_jax.runner.config import RunConfig
 from spark_jax.runner.errors import BackboneNotFoundError
-from spark_jax.runner.rundir import load_results
+from spark_jax.runner.rundir import load_run_results
 from spark_jax.runner.benchmark import run
 
 __all__ = ["DATASET_ORDER", "DATASET_TITLES", "Entry", "PUBLISHED", "compare", "comparison_entries", "run_dir",
@@ -227,7 +227,7 @@ def summarize(runs: dict[str, dict[str, dict[str, str]]], methods: Sequence[str]
                     cell["run_config"] = m["config"]["run"]
                 # The method call is the same computation in both runs: per image, the faster of the two
                 # measurements (best of two, as timeit does; shared machines add noise, never speed).
-                for r in load_results(os.path.join(os.path.dirname(path), "results.jsonl")):
+                for r in load_run_results(os.path.dirname(path)):  # every process's resume log
                     if "clustering_seconds" in r:
                         best[r["id"]] = min(best.get(r["id"], math.inf), r["clustering_seconds"])
             times = sorted(best.values())
