@@ -100,19 +100,28 @@ def resolve_pretrained(name_or_path: str | os.PathLike, *, hf_cache_dir: str | o
         )
     if p.exists():
         raise CheckpointError(f"{p} is a file; pass the diffusers pipeline folder that contains it")
-    text = str(name_or_path)
-    parts = text.split("/")
-    if len(parts) == 2 and all(parts) and not text.startswith((".", "~")):
-        hub = Path(hf_cache_dir).expanduser() if hf_cache_dir is not None else _hf_hub_cache()
-        repo_dir = hub / f"models--{parts[0]}--{parts[1]}"
-        if repo_dir.is_dir():
-            return resolve_pretrained(repo_dir)
-        raise CheckpointError(
-            f"{text!r} is neither a local folder nor in the Hugging Face cache ({repo_dir} does not exist). "
-            "spark_jax never downloads: fetch it where there is network (`huggingface-cli download "
-            f"{text}`) and pass the folder, or set HF_HUB_CACHE."
-        )
+    repo_dir = cached_repo_dir(name_or_path, hf_cache_dir)
+    if repo_dir is not None:
+        return resolve_pretrained(repo_dir)
     raise CheckpointError(f"checkpoint folder {p} does not exist")
+
+
+def cached_repo_dir(name: str | os.PathLike, hf_cache_dir: str | None = None) -> Path | None:
+    """The Hugging Face cache folder (``models--owner--name``) of a repo id ``owner/name``; None if ``name`` is not
+    of that form (a local path); CheckpointError, saying how to fetch it, if the cache does not hold it."""
+    text = str(name)
+    parts = text.split("/")
+    if not (len(parts) == 2 and all(parts) and not text.startswith((".", "~"))):
+        return None
+    hub = Path(hf_cache_dir).expanduser() if hf_cache_dir is not None else _hf_hub_cache()
+    repo_dir = hub / f"models--{parts[0]}--{parts[1]}"
+    if repo_dir.is_dir():
+        return repo_dir
+    raise CheckpointError(
+        f"{text!r} is neither a local folder nor in the Hugging Face cache ({repo_dir} does not exist). "
+        "spark_jax never downloads: fetch it where there is network (`huggingface-cli download "
+        f"{text}`) and pass the folder, or set HF_HUB_CACHE."
+    )
 
 
 def hf_repo_id(path: str | os.PathLike) -> str | None:

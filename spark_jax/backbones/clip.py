@@ -33,8 +33,8 @@ from PIL import Image
 
 from spark_jax.backbones.checkpoint import (
     CheckpointError,
-    _hf_hub_cache,
     _snapshot,
+    cached_repo_dir,
     dangling_link_error,
     hf_repo_id,
 )
@@ -225,18 +225,9 @@ def resolve_clip(path_or_repo_id: str | os.PathLike, *, hf_cache_dir: str | os.P
         return _snapshot(p) if p.name.startswith("models--") else p
     if p.exists():
         raise CheckpointError(f"{p} is a file; pass the checkpoint folder that contains it")
-    text = str(path_or_repo_id)
-    parts = text.split("/")
-    if len(parts) == 2 and all(parts) and not text.startswith((".", "~")):
-        hub = Path(hf_cache_dir).expanduser() if hf_cache_dir is not None else _hf_hub_cache()
-        repo_dir = hub / f"models--{parts[0]}--{parts[1]}"
-        if repo_dir.is_dir():
-            return _snapshot(repo_dir)
-        raise CheckpointError(
-            f"{text!r} is neither a local folder nor in the Hugging Face cache ({repo_dir} does not exist). "
-            f"spark_jax never downloads: fetch it where there is network (`huggingface-cli download {text}`) and "
-            "pass the folder, or set HF_HUB_CACHE."
-        )
+    repo_dir = cached_repo_dir(path_or_repo_id, hf_cache_dir)
+    if repo_dir is not None:
+        return _snapshot(repo_dir)
     raise CheckpointError(f"CLIP checkpoint folder {p} does not exist")
 
 
