@@ -36,6 +36,7 @@ _NUMERIC = (
     "propagation_tol",
     "sharpen_target",
     "sparse_switch_mass",
+    "sparse_rank_tol",
     "sparse_recovery_mass",
 )
 _STATIC = (
@@ -53,6 +54,8 @@ _STATIC = (
     "global_source",
     "flow",
     "sparse_keep",
+    "sparse_keep_final",
+    "sparse_rank",
     "sparse_recovery",
     "propagation_block",
 )
@@ -116,10 +119,24 @@ class SparkConfig:
       sparse_keep: k, entries kept per row by the sparse flow (static; mcl's selection number `-S`).
         64: the planted and demo partitions of the dense form at 32 x 32 and 64 x 64 tokens
         (experiments/bench_sparse_flow.py); the sparse iterations cost N k^2 each.
+      sparse_keep_final: the width the sparse phase narrows to (static) once every row's `sparse_keep_final`
+        largest entries hold `sparse_switch_mass` of its flow; >= sparse_keep keeps one width. 16: MCL rows
+        end on 1-3 entries, and the narrower iterations cost a third (bench_sparse_flow).
       sparse_switch_mass: the sparse flow iterates densely while some row's `sparse_keep` largest
         entries hold less than this fraction of its flow, in [0, 1). 0.9, as mcl's recovery percentage
         `-pct 90`: selecting from the first iterates (a row spread over a whole region) fragments large
         regions; 0.9 gave the dense partitions on every planted and demo input measured.
+      sparse_rank: r, the sketch size of the sparse flow's dense phase (static; 0 turns it off): an
+        iteration whose P_t is within `sparse_rank_tol` of its projection on a rank-r sketch of its row space
+        expands through it (5 N^2 r multiply-adds instead of N^3; `graph.sparse_flow.row_space`). MCL iterates
+        reach numerical rank about their number of clusters well before their rows are sparse. 128: at 64 x 64
+        the demo inputs (20-28 clusters) pass one iteration earlier than with 64, the planted ones alike; an
+        image with more clusters keeps squaring densely. Used only from N = 16 r tokens on (64 x 64 for 128):
+        below, the sketch costs more than it saves.
+      sparse_rank_tol: the bound on ||P_t - P_t V V^T||_inf (the infinity-norm error of that expansion,
+        out of a row sum of 1) under which it is used, in [0, 2]. 1e-3: the dense partitions on every planted
+        and demo input at 64 x 64 (1e-4 too, but the demo passes 2-3 iterations later: 5.6 instead of 4.6 s);
+        the dense form's own float32 roundoff is ~1e-6.
       sparse_recovery: mcl's recovery number `-R` (static): a row whose entries surviving tau hold
         less than `sparse_recovery_mass` of its selected mass and number fewer than this gets back its
         largest pruned entries up to this many. 0 (the default) turns recovery off, so that the sparse
@@ -168,7 +185,10 @@ class SparkConfig:
     global_source: GlobalSource = "features"
     flow: Flow = "dense"
     sparse_keep: int = 64
+    sparse_keep_final: int = 16
     sparse_switch_mass: float = 0.9
+    sparse_rank: int = 128
+    sparse_rank_tol: float = 1e-3
     sparse_recovery: int = 0
     sparse_recovery_mass: float = 0.9
     propagation_block: int = 32
@@ -211,10 +231,15 @@ class SparkConfig:
             )
         if isinstance(self.expansion, bool) or not isinstance(self.expansion, int) or self.expansion < 1:
             raise ValueError(f"expansion (the matrix power l) must be an int >= 1, got {self.expansion!r}")
-        for name in ("mcl_max_iter", "propagation_max_iter", "sparse_keep", "propagation_block"):
+        for name in ("mcl_max_iter", "propagation_max_iter", "sparse_keep", "sparse_keep_final", "propagation_block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.sparse_rank, bool) or not isinstance(self.sparse_rank, int) or self.sparse_rank < 0:
+            raise ValueError(
+                f"sparse_rank (the sketch size of the sparse flow's low-rank expansion) must be an int >= 0 "
+                f"(0 turns it off), got {self.sparse_rank!r}"
+            )
         if (
             isinstance(self.sparse_recovery, bool)
             or not isinstance(self.sparse_recovery, int)
@@ -286,6 +311,9 @@ _RANGES = {
     "sparse_switch_mass": (0.0, True, 1.0, False,
                            "the fraction of every row's flow its sparse_keep largest entries must hold before the "
                            "sparse flow stops iterating densely (0: sparse from the start)"),
+    "sparse_rank_tol": (0.0, True, 2.0, True,
+                        "the infinity-norm residual of P_t on its rank-sparse_rank sketch under which the sparse "
+                        "flow expands through the sketch (0: never)"),
     "sparse_recovery_mass": (0.0, False, 1.0, True, "mcl's recovery percentage, as a fraction"),
 }
 

@@ -16,7 +16,7 @@ from spark_jax.testing import numpy_reference as ref
 from spark_jax.testing.synthetic import planted_miou, planted_token_features
 
 PLANTED = SparkConfig(beta=0.8, sharpen=8.0, inflation=1.8)
-_sparse_flow = jax.jit(sf.sparse_markov_flow, static_argnames=("keep", "recovery", "expansion", "max_iter", "norm"))
+_sparse_flow = jax.jit(sf.sparse_markov_flow, static_argnames=("keep", "keep_final", "rank", "recovery", "expansion", "max_iter", "norm"))
 
 
 def _planted_s(side=10, channels=16, noise=0.3, seed=0):
@@ -38,7 +38,7 @@ def _random_rows(n, k, seed):
 def test_keeping_every_entry_is_the_dense_form(expansion, norm):
     s, _ = _planted_s()
     dense = mf.markov_flow(s, expansion=expansion, inflation=1.8, norm=norm)
-    sparse = _sparse_flow(s, keep=s.shape[0], expansion=expansion, inflation=1.8, norm=norm)
+    sparse = _sparse_flow(s, keep=s.shape[0], keep_final=s.shape[0], expansion=expansion, inflation=1.8, norm=norm)
     assert int(sparse.dense_iters) == 0  # nothing to drop: sparse from P_0 on
     assert float(sparse.discarded_mass) < 1e-6
     assert int(sparse.num_iters) == int(dense.num_iters) and bool(sparse.converged) and bool(dense.converged)
@@ -48,7 +48,7 @@ def test_keeping_every_entry_is_the_dense_form(expansion, norm):
 
 def test_a_larger_keep_than_tokens_is_clipped_to_the_tokens():
     s, _ = _planted_s(side=6)
-    out = _sparse_flow(s, keep=1000, inflation=1.8)
+    out = _sparse_flow(s, keep=1000, keep_final=1000, inflation=1.8)
     chex.assert_shape(out.flow.values, (36, 36))
     np.testing.assert_allclose(sf.densify(out.flow), mf.markov_flow(s, inflation=1.8).flow, atol=1e-5)
 
@@ -76,6 +76,83 @@ def test_selecting_from_the_start_fragments_large_regions():
     assert int(sparse.dense_iters) == 0 and float(sparse.discarded_mass) > 0.5
     assert int(sf.extract_sparse_clusters(sparse.flow).num_clusters) > 2 * int(
         mf.extract_clusters(mf.markov_flow(s, inflation=1.8).flow).num_clusters)
+
+
+def test_the_switch_is_the_first_iterate_whose_rows_are_k_sparse():
+    # The cheap bound that skips the top-k selection never changes when the switch happens.
+    s, _ = _planted_s(side=16, noise=0.3)
+    sparse = _sparse_flow(s, keep=8, inflation=1.8)
+    t = int(sparse.dense_iters)
+
+    def lost(iters):
+        p = np.asarray(mf.markov_flow(s, inflation=1.8, max_iter=iters).flow) if iters else np.asarray(s)
+        return (1.0 - np.sort(p, axis=1)[:, -8:].sum(1)).max()
+
+    assert lost(t) <= 0.1 < lost(t - 1)
+
+
+def _low_rank_rows(n=64, rank=3, seed=0):
+    """A row-stochastic P of rank `rank`: every row a mixture of `rank` distributions."""
+    rng = np.random.default_rng(seed)
+    weights = rng.random((n, rank))
+    weights /= weights.sum(1, keepdims=True)
+    bases = rng.random((rank, n)) ** 4
+    bases /= bases.sum(1, keepdims=True)
+    return jnp.asarray(weights @ bases, jnp.float32)
+
+
+@pytest.mark.parametrize("power", [2, 3])
+def test_a_low_rank_p_is_expanded_through_its_sketch_within_its_residual(power):
+    p = _low_rank_rows()
+    v = sf.row_space(p, sf.sketch(8, 64))
+    chex.assert_shape(v, (64, 8))
+    np.testing.assert_allclose(v.T @ v, np.eye(8), atol=1e-5)  # orthonormal columns
+    residual, pv = sf.projection_residual(p, v)
+    assert float(residual) < 1e-5  # rank 3 <= 8: the whole row space
+    want = np.linalg.matrix_power(np.asarray(p, np.float64), power)
+    got = sf.lowrank_expand(p, v, pv, power)
+    assert np.abs(np.asarray(got, np.float64) - want).sum(1).max() <= float(residual) + 1e-6
+    # A sketch smaller than the rank misses part of the row space, and the residual says so.
+    assert float(sf.projection_residual(p, sf.row_space(p, sf.sketch(2, 64)))[0]) > 1e-2
+
+
+def test_inflate_prune_normalize_is_the_dense_step():
+    p = _low_rank_rows(seed=1).at[:, 5].set(0.0)  # zeros stay zeros (exp(r log 0) = 0)
+    p2 = mf.expand(p, 2)
+    want = mf.markov_flow_step(p, expansion=2, inflation=2.6, prune_threshold=1e-4)
+    np.testing.assert_allclose(sf.inflate_prune_normalize(p2, 2.6, 1e-4), want, rtol=1e-5, atol=1e-8)
+    assert float(jnp.max(sf.inflate_prune_normalize(p2, 2.6, 1e-4)[:, 5])) == 0.0
+
+
+def test_low_rank_iterates_expand_through_the_sketch_and_keep_the_partition():
+    # 32 x 32 planted tokens with a rank-8 sketch (N = 1024 >= 16 r): the iterates collapse to the five planted
+    # regions' rank, the sketch takes over before the rows are sparse, and the partition is the dense one.
+    s, regions = _planted_s(side=32, noise=0.3)
+    dense = mf.markov_flow(s, inflation=1.8)
+    low = _sparse_flow(s, keep=16, keep_final=16, rank=8, rank_tol=1e-3, inflation=1.8)
+    off = _sparse_flow(s, keep=16, keep_final=16, rank=0, inflation=1.8)
+    assert int(low.lowrank_iters) > 0 and 0 < float(low.lowrank_error) < 1e-3
+    assert int(off.lowrank_iters) == 0 and float(off.lowrank_error) == 0.0
+    assert int(low.dense_iters) == int(off.dense_iters) and bool(low.converged)
+    labels = sf.extract_sparse_clusters(low.flow).labels
+    np.testing.assert_array_equal(labels, mf.extract_clusters(dense.flow).labels)
+    np.testing.assert_array_equal(labels, sf.extract_sparse_clusters(off.flow).labels)
+    assert planted_miou(np.asarray(labels).reshape(32, 32), regions) == 1.0
+    # Below N = 16 r the sketch is not used: the same run as rank 0.
+    small = _sparse_flow(s, keep=16, keep_final=16, rank=128, inflation=1.8)
+    assert int(small.lowrank_iters) == 0
+
+
+def test_rows_narrow_to_keep_final_and_keep_the_partition():
+    s, _ = _planted_s(side=16, noise=0.3)
+    wide = _sparse_flow(s, keep=16, keep_final=16, inflation=1.8)
+    narrow = _sparse_flow(s, keep=16, keep_final=4, inflation=1.8)
+    chex.assert_shape(narrow.flow.values, (256, 4))
+    assert bool(narrow.converged) and float(narrow.discarded_mass) < 0.1
+    np.testing.assert_array_equal(sf.extract_sparse_clusters(narrow.flow).labels,
+                                  sf.extract_sparse_clusters(wide.flow).labels)
+    np.testing.assert_array_equal(sf.extract_sparse_clusters(wide.flow).labels,
+                                  mf.extract_clusters(mf.markov_flow(s, inflation=1.8).flow).labels)
 
 
 @pytest.mark.parametrize("power", [1, 2, 3])
@@ -174,12 +251,15 @@ def test_numeric_sparse_fields_do_not_recompile_and_batches_match(compilations):
         np.testing.assert_array_equal(batch.labels[i], segment_tokens(features[i], cfg).labels)
         np.testing.assert_array_equal(batch.cluster_labels[i], segment_tokens(features[i], cfg).cluster_labels)
     with compilations() as c:
-        segment_tokens_batch(features, cfg.replace(sparse_switch_mass=0.8, sparse_recovery_mass=0.5))
+        segment_tokens_batch(features, cfg.replace(sparse_switch_mass=0.8, sparse_recovery_mass=0.5,
+                                                   sparse_rank_tol=1e-4))
     assert c.count == 0
 
 
 def test_config_validation_names_the_field():
     for bad, field in [(dict(flow="csr"), "flow"), (dict(sparse_keep=0), "sparse_keep"),
+                       (dict(sparse_keep_final=0), "sparse_keep_final"), (dict(sparse_rank=-1), "sparse_rank"),
+                       (dict(sparse_rank=2.5), "sparse_rank"),
                        (dict(sparse_recovery=-1), "sparse_recovery"), (dict(sparse_keep=4, sparse_recovery=5),
                                                                          "sparse_recovery"),
                        (dict(propagation_block=0), "propagation_block"), (dict(propagation="cg"), "propagation")]:
@@ -187,7 +267,8 @@ def test_config_validation_names_the_field():
             SparkConfig(**bad)
     for bad, field in [(dict(sparse_switch_mass=1.0), "sparse_switch_mass"),
                        (dict(sparse_switch_mass=-0.1), "sparse_switch_mass"),
-                       (dict(sparse_recovery_mass=0.0), "sparse_recovery_mass")]:
+                       (dict(sparse_recovery_mass=0.0), "sparse_recovery_mass"),
+                       (dict(sparse_rank_tol=-1e-3), "sparse_rank_tol"), (dict(sparse_rank_tol=3.0), "sparse_rank_tol")]:
         with pytest.raises(ValueError, match=field):
             SparkConfig(**bad).check_values()
     assert SparkConfig().flow == "dense"  # the dense form stays the default

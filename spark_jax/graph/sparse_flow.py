@@ -12,10 +12,20 @@ fragments large regions (planted 32 x 32 features: 31-73 clusters instead of 5 w
 So the flow runs in two phases, in one jitted program:
 
 1. **dense**: Eq. 8 as `markov_flow` does, while some row's k largest entries hold less than `switch_mass` of
-   its flow ("rows have few survivors" is the switch);
+   its flow ("rows have few survivors" is the switch). Its expansion is low-rank once P_t is: after a few
+   iterations every token of a region sends (almost) the same flow, so P_t has numerical rank about its number
+   of clusters long before its rows are sparse (planted 64 x 64: rank 5 from iteration 4; rows k-sparse from
+   iteration 10). Each dense iteration sketches P's row space, V = orth((Omega P)^T) for a fixed Gaussian
+   Omega [r, N] (Halko, Martinsson and Tropp's range finder), and measures E = P - (P V) V^T; if
+   ||E||_inf < `rank_tol` the expansion is P^l ~ P^(l-1) (P V) V^T (5 N^2 r multiply-adds instead of N^3),
+   whose error is P^(l-1) E, at most ||E||_inf in the same norm since P^(l-1) is row-stochastic. Otherwise
+   the iteration squares densely.
 2. **sparse**: P_{t+1} = RowNorm(Select_k(Prune_tau(Inflate_r(P_t^l)))) on the kept entries, where Select_k keeps
    each row's k largest entries (mcl's selection) and, optionally, mcl's recovery brings back entries that the
-   threshold tau removed when too little mass survived it.
+   threshold tau removed when too little mass survived it. Rows keep concentrating, so once every row's
+   `keep_final` largest entries hold `switch_mass` of its flow the rows narrow to those (an iteration at k = 16
+   costs a third of one at k = 64 at N = 4096: the N k^2 products and the selection shrink, the N x N
+   scatter buffer stays).
 
 With k >= N selection keeps everything and the sparse form is the dense one (tested). Both phases use the dense
 form's convergence test (`markov_flow.change_norm`'s norms, computed on the kept entries) and iteration cap.
@@ -37,7 +47,11 @@ import jax
 import jax.numpy as jnp
 
 from spark_jax.config import MclNorm
-from spark_jax.graph.markov_flow import Clusters, change_norm, markov_flow_step, relabel_contiguous
+from spark_jax.graph.affinity import row_normalize
+from spark_jax.graph.markov_flow import Clusters, change_norm, expand, relabel_contiguous
+
+
+LOWRANK_MIN_RATIO = 16  # tokens per sketch column below which the dense phase always squares densely
 
 
 class SparseRows(NamedTuple):
@@ -60,6 +74,9 @@ class SparseFlowResult(NamedTuple):
       num_iters: int32 [], iterations of Eq. 8 that ran, both phases together.
       converged: bool [], the convergence test was met before the cap (as `markov_flow`).
       dense_iters: int32 [], iterations run in the dense phase (before the switch to k entries per row).
+      lowrank_iters: int32 [], dense-phase iterations whose expansion was the low-rank one.
+      lowrank_error: float32 [], the largest ||P - P V V^T||_inf of those iterations (each one's bound on the
+        infinity-norm error of its expansion); 0 when there were none.
       discarded_mass: float32 [], the largest fraction of a row's flow that selection dropped, at the switch or
         in any sparse iteration (of P_t at the switch, of P_t^l, before inflation, afterwards). 0 means the sparse
         iterations were exact; a large value says `keep` is too small for these features.
@@ -69,6 +86,8 @@ class SparseFlowResult(NamedTuple):
     num_iters: jax.Array
     converged: jax.Array
     dense_iters: jax.Array
+    lowrank_iters: jax.Array
+    lowrank_error: jax.Array
     discarded_mass: jax.Array
 
 
@@ -110,6 +129,51 @@ def sparse_expand(p: SparseRows, power: int, n: int) -> jax.Array:
     for _ in range(power - 2):
         out = left_multiply(out)
     return out
+
+
+def sketch(rank: int, n: int) -> jax.Array:
+    """The fixed Gaussian sketch Omega [rank, n] of `row_space` (the same for every call: reproducible runs)."""
+    return jax.random.normal(jax.random.key(0), (rank, n), jnp.float32)
+
+
+def row_space(p: jax.Array, omega: jax.Array, *, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+    """An orthonormal basis V [N, rank] of (most of) P's row space: the span of the rows of Omega P.
+
+    For P of rank <= `rank` V spans the whole row space, and `projection_residual` is float32 roundoff (about
+    1e-6 at N = 4096).
+    """
+    # The barrier keeps XLA:CPU from fusing the transpose into the product (measured 3x slower there).
+    y = jax.lax.optimization_barrier(jnp.matmul(omega, p, precision=precision))
+    v, _ = jnp.linalg.qr(y.T)
+    return v
+
+
+def projection_residual(p: jax.Array, v: jax.Array, *, precision=jax.lax.Precision.HIGHEST) -> tuple[jax.Array, jax.Array]:
+    """||P - P V V^T||_inf (the largest absolute row sum) of P [M, N] and its projection P V [M, rank]."""
+    pv = jnp.matmul(p, v, precision=precision)
+    return jnp.max(jnp.sum(jnp.abs(p - jnp.matmul(pv, v.T, precision=precision)), axis=-1)), pv
+
+
+def lowrank_expand(p: jax.Array, v: jax.Array, pv: jax.Array, power: int, *,
+                   precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+    """P^power ~ P^(power - 1) (P V) V^T for a row-space basis V of `row_space` (power static, >= 2), clipped at 0.
+
+    The clip only moves entries towards the true (non-negative) P^power: the error bound stays ||P - P V V^T||_inf.
+    """
+    w = pv
+    for _ in range(power - 1):
+        w = jnp.matmul(p, w, precision=precision)
+    return jnp.maximum(jnp.matmul(w, v.T, precision=precision), 0.0)
+
+
+def inflate_prune_normalize(expanded: jax.Array, inflation: float | jax.Array,
+                            prune_threshold: float | jax.Array) -> jax.Array:
+    """RowNorm(Prune_tau(Inflate_r(.))) of a dense expanded P^l, as `markov_flow.markov_flow_step` computes it
+    (to float32 rounding), in half its time on a CPU: the row maximum is read before inflating (inflation is
+    increasing), and P^r is exp(r log P) (0 stays 0), which XLA fuses with the pruning into one pass."""
+    row_max = jnp.max(expanded, axis=-1, keepdims=True)
+    inflated = jnp.exp(inflation * jnp.log(expanded))
+    return row_normalize(jnp.where((inflated >= prune_threshold) | (expanded == row_max), inflated, 0.0))
 
 
 def prune_and_normalize(
@@ -174,7 +238,10 @@ def sparse_markov_flow(
     s: jax.Array,
     *,
     keep: int = 64,
+    keep_final: int = 16,
     switch_mass: float | jax.Array = 0.9,
+    rank: int = 64,
+    rank_tol: float | jax.Array = 1e-4,
     recovery: int = 0,
     recovery_mass: float | jax.Array = 0.9,
     expansion: int = 2,
@@ -193,9 +260,17 @@ def sparse_markov_flow(
       s: row-stochastic transition matrix [N, N].
       keep: k, entries kept per row in the sparse phase (static; mcl's selection number). k >= N keeps every
         entry: the dense form.
+      keep_final: the sparse phase narrows to this many entries per row (static) once every row's `keep_final`
+        largest entries hold `switch_mass` of its flow; >= keep: one width throughout.
       switch_mass: the dense phase runs while some row's k largest entries hold less than this fraction of its
         flow; in [0, 1): 0 starts sparse at P_0 = Select_k(S), values near 1 wait until the rows are (almost)
         exactly k-sparse.
+      rank: r, the sketch size of the dense phase's low-rank expansion (static); 0, or N < 16 r
+        (`LOWRANK_MIN_RATIO`), squares densely throughout.
+        Under vmap both expansions run (the choice is `lax.cond` on each member's data), so batch with
+        `lax.map` to gain from it.
+      rank_tol: a dense-phase iteration expands through the rank-r sketch when ||P - P V V^T||_inf is below
+        this (its error bound in Eq. 8's infinity norm); in [0, 2]. 0 never does.
       recovery: mcl's recovery number (static); 0 (off) keeps the dense form's pruning. See
         `prune_and_normalize`.
       recovery_mass: mcl's recovery percentage, as a fraction.
@@ -203,47 +278,106 @@ def sparse_markov_flow(
         dense phase's matmul precision.
 
     Returns:
-      SparseFlowResult(flow, num_iters, converged, dense_iters, discarded_mass).
+      SparseFlowResult(flow, num_iters, converged, dense_iters, lowrank_iters, lowrank_error, discarded_mass).
     """
     s = s.astype(jnp.float32)
     n = s.shape[-1]
     k = min(keep, n)
 
+    # P^1 needs no expansion; below N = 16 r the sketch's own N^2 r passes cost more than they save (measured:
+    # r = 128 at N = 1024 made the flow 1.1-1.3x slower than squaring densely).
+    rank = rank if expansion > 1 and n >= LOWRANK_MIN_RATIO * rank else 0
+
+    # A strided sample of rows decides first whether the (N^2 r) residual of every row can pass: its residual
+    # is a lower bound of the whole one (a max over fewer rows), so a failing sample skips it exactly.
+    sample = max(1, n // 256)
+    omega = sketch(rank, n) if rank else None  # made once, outside the loop
+
+    def expand_dense_state(p):
+        if rank == 0:
+            return expand(p, expansion, precision=precision), jnp.bool_(False), jnp.float32(0)
+        v = row_space(p, omega, precision=precision)
+        may_pass = projection_residual(p[::sample], v, precision=precision)[0] < rank_tol  # False for NaN
+        residual, pv = jax.lax.cond(
+            may_pass,
+            lambda: projection_residual(p, v, precision=precision),
+            lambda: (jnp.float32(jnp.inf), jnp.zeros((n, rank), jnp.float32)),
+        )
+        low = residual < rank_tol
+        expanded = jax.lax.cond(
+            low,
+            lambda: lowrank_expand(p, v, pv, expansion, precision=precision),
+            lambda: expand(p, expansion, precision=precision),
+        )
+        return expanded, low, jnp.where(low, residual, 0.0)
+
+    def switch_lost(p):
+        # A row's k largest entries hold at most its mass in entries >= theta plus k theta (those below theta), so
+        # unless that bound reaches switch_mass for every row the switch cannot happen, and the N x N top-k
+        # selection is skipped (one fused pass instead; theta = (1 - switch_mass) / (2 k)).
+        theta = (1.0 - switch_mass) / (2 * k)
+        bound = jnp.sum(jnp.where(p >= theta, p, 0.0), axis=-1) + k * theta
+        possible = jnp.min(bound) >= switch_mass
+        return jax.lax.cond(possible, lambda: jnp.max(select_rows(p, k)[1]), lambda: jnp.float32(1))
+
     def dense_cond(state):
-        _, t, delta, lost = state
+        _, t, delta, lost, _, _ = state
         return (t < max_iter) & (delta >= tol) & (lost > 1.0 - switch_mass)
 
     def dense_body(state):
-        p, t, _, _ = state
-        p_next = markov_flow_step(
-            p, expansion=expansion, inflation=inflation, prune_threshold=prune_threshold, precision=precision
-        )
-        return p_next, t + 1, change_norm(p_next - p, norm), jnp.max(select_rows(p_next, k)[1])
+        p, t, _, _, low_count, low_error = state
+        expanded, low, error = expand_dense_state(p)
+        p_next = inflate_prune_normalize(expanded, inflation, prune_threshold)
+        return (p_next, t + 1, change_norm(p_next - p, norm), switch_lost(p_next), low_count + low.astype(jnp.int32),
+                jnp.maximum(low_error, error))
 
-    lost0 = jnp.max(select_rows(s, k)[1])
-    p, t_dense, delta, lost = jax.lax.while_loop(dense_cond, dense_body, (s, jnp.int32(0), jnp.float32(jnp.inf), lost0))
+    p, t_dense, delta, _, low_count, low_error = jax.lax.while_loop(
+        dense_cond, dense_body, (s, jnp.int32(0), jnp.float32(jnp.inf), switch_lost(s), jnp.int32(0), jnp.float32(0))
+    )
     # The switch: P_t's k largest entries per row, renormalised (no inflation or pruning: P_t has had them).
-    selected, _ = select_rows(p, k)
+    selected, dropped = select_rows(p, k)
     rows = prune_and_normalize(selected, inflation=1.0, prune_threshold=0.0)
     # An input that stopped in the dense phase (converged or capped) is reported as it is; its last change stays.
 
-    def sparse_cond(state):
-        _, t, delta, _ = state
-        return (t < max_iter) & (delta >= tol)
+    def sparse_stage(rows, t, delta, discarded, next_keep):
+        # Eq. 8 on the stored entries until convergence or the cap, or (next_keep given) until every row's
+        # next_keep largest entries hold switch_mass of its flow.
+        def next_lost(p):  # entries are in descending order: the next stage keeps a prefix
+            if next_keep is None:
+                return jnp.float32(0)
+            return jnp.max(jnp.maximum(1.0 - jnp.sum(p.values[:, :next_keep], axis=-1), 0.0))
 
-    def sparse_body(state):
-        p, t, _, discarded = state
-        chosen, dropped = select_rows(sparse_expand(p, expansion, n), k)
-        p_next = prune_and_normalize(
-            chosen, inflation=inflation, prune_threshold=prune_threshold, recovery=recovery,
-            recovery_mass=recovery_mass,
-        )
-        return p_next, t + 1, sparse_change_norm(p, p_next, norm), jnp.maximum(discarded, jnp.max(dropped))
+        def cond(state):
+            _, t, delta, _, lost = state
+            running = (t < max_iter) & (delta >= tol)
+            return running if next_keep is None else running & (lost > 1.0 - switch_mass)
 
-    rows, t, delta, discarded = jax.lax.while_loop(
-        sparse_cond, sparse_body, (rows, t_dense, delta, jnp.where(t_dense > 0, lost, lost0))
-    )
-    return SparseFlowResult(flow=rows, num_iters=t, converged=delta < tol, dense_iters=t_dense, discarded_mass=discarded)
+        def body(state):
+            p, t, _, discarded, _ = state
+            chosen, dropped = select_rows(sparse_expand(p, expansion, n), p.values.shape[-1])
+            p_next = prune_and_normalize(
+                chosen, inflation=inflation, prune_threshold=prune_threshold, recovery=recovery,
+                recovery_mass=recovery_mass,
+            )
+            return (p_next, t + 1, sparse_change_norm(p, p_next, norm), jnp.maximum(discarded, jnp.max(dropped)),
+                    next_lost(p_next))
+
+        rows, t, delta, discarded, lost = jax.lax.while_loop(cond, body, (rows, t, delta, discarded, next_lost(rows)))
+        if next_keep is None:
+            return rows, t, delta, discarded
+        narrowed = prune_and_normalize(SparseRows(rows.values[:, :next_keep], rows.columns[:, :next_keep]),
+                                       inflation=1.0, prune_threshold=0.0)
+        return narrowed, t, delta, jnp.maximum(discarded, lost)
+
+    discarded = jnp.max(dropped)
+    k_final = min(keep_final, k)
+    if k_final < k:
+        rows, t_wide, delta, discarded = sparse_stage(rows, t_dense, delta, discarded, k_final)
+    else:
+        t_wide = t_dense
+    rows, t, delta, discarded = sparse_stage(rows, t_wide, delta, discarded, None)
+    return SparseFlowResult(flow=rows, num_iters=t, converged=delta < tol, dense_iters=t_dense,
+                            lowrank_iters=low_count, lowrank_error=low_error, discarded_mass=discarded)
 
 
 def extract_sparse_clusters(flow: SparseRows) -> Clusters:

@@ -204,8 +204,8 @@ def _segment_tokens(features: jax.Array, cfg: SparkConfig, extra: GlobalInputs =
     mcl_args = dict(expansion=cfg.expansion, inflation=cfg.inflation, prune_threshold=cfg.prune_threshold,
                     tol=cfg.mcl_tol, max_iter=cfg.mcl_max_iter, norm=cfg.mcl_norm, precision=cfg.precision())
     if cfg.flow == "sparse":
-        flow = sparse_markov_flow(s, keep=cfg.sparse_keep, switch_mass=cfg.sparse_switch_mass,
-                                  recovery=cfg.sparse_recovery, recovery_mass=cfg.sparse_recovery_mass, **mcl_args)
+        flow = sparse_markov_flow(s, keep=cfg.sparse_keep, keep_final=cfg.sparse_keep_final, switch_mass=cfg.sparse_switch_mass, rank=cfg.sparse_rank,
+                                  rank_tol=cfg.sparse_rank_tol, recovery=cfg.sparse_recovery, recovery_mass=cfg.sparse_recovery_mass, **mcl_args)
         clusters = extract_sparse_clusters(flow.flow)
     else:
         flow = markov_flow(s, **mcl_args)
