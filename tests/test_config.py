@@ -14,7 +14,7 @@ from spark_jax import config as config_module
 # The numeric fields: pytree leaves (traced, vmappable). Everything else is static metadata.
 NUMERIC_FIELDS = {
     "beta", "inflation", "prune_threshold", "sharpen", "local_eps", "mcl_tol", "gamma", "propagation_tol",
-    "sharpen_target", "sparse_switch_mass", "sparse_recovery_mass",
+    "sharpen_target", "sparse_switch_mass", "sparse_rank_tol", "sparse_recovery_mass",
 }
 
 
