@@ -61,6 +61,7 @@ __all__ = [
     "confusion",
     "match_counts",
     "merge_background",
+    "refinement_input",
     "score_image",
     "iou_from_counts",
     "Evaluator",
@@ -249,6 +250,34 @@ class ImageCounts(NamedTuple):
         return self.pixels > 0
 
 
+def _merged(pred, label, space: LabelSpace, protocol: Protocol) -> tuple[np.ndarray, np.ndarray, ProtocolLabels]:
+    pred = np.asarray(pred)
+    label = np.asarray(label)
+    if pred.shape != label.shape or pred.ndim != 2:
+        raise ValueError(
+            f"prediction {pred.shape} and label {label.shape} must be the same [h, w]: resize the label with "
+            "preprocess.prepare_label to the prediction's size first."
+        )
+    if not np.issubdtype(pred.dtype, np.integer):
+        raise ValueError(f"predictions must be integer cluster ids, got {pred.dtype}")
+    spec = protocol_labels(space, protocol)
+    rows = spec.fix_void(label)
+    pred = pred.astype(np.int64)
+    if protocol == "standard":
+        pred = _contiguous(pred)
+    if spec.background is not None:
+        pred = merge_background(pred, rows, len(spec.class_names), spec.background, protocol=protocol)
+    return pred, rows, spec
+
+
+def refinement_input(pred: np.ndarray, label: np.ndarray, space: LabelSpace, *,
+                     protocol: Protocol = "standard") -> np.ndarray:
+    """The map :func:`score_image`'s ``refine`` is called on (after the background merge): to refine a batch of
+    images at once, compute these first, refine them together, and hand each image's result back through
+    ``refine``."""
+    return _merged(pred, label, space, protocol)[0]
+
+
 def score_image(
     pred: np.ndarray,
     label: np.ndarray,
@@ -270,22 +299,7 @@ def score_image(
     Returns:
         :class:`ImageCounts`.
     """
-    pred = np.asarray(pred)
-    label = np.asarray(label)
-    if pred.shape != label.shape or pred.ndim != 2:
-        raise ValueError(
-            f"prediction {pred.shape} and label {label.shape} must be the same [h, w]: resize the label with "
-            "preprocess.prepare_label to the prediction's size first."
-        )
-    if not np.issubdtype(pred.dtype, np.integer):
-        raise ValueError(f"predictions must be integer cluster ids, got {pred.dtype}")
-    spec = protocol_labels(space, protocol)
-    rows = spec.fix_void(label)
-    pred = pred.astype(np.int64)
-    if protocol == "standard":
-        pred = _contiguous(pred)
-    if spec.background is not None:
-        pred = merge_background(pred, rows, len(spec.class_names), spec.background, protocol=protocol)
+    pred, rows, spec = _merged(pred, label, space, protocol)
     if refine is not None:
         pred = np.asarray(refine(pred), np.int64)
         if pred.shape != label.shape:

@@ -25,6 +25,7 @@ from spark_jax.masks.pamr import (
     pamr,
     pamr_affinity,
     refine_labels,
+    refine_labels_batch,
 )
 
 pamr_jit = jax.jit(pamr, static_argnames=("num_iter", "dilations"))
@@ -308,6 +309,16 @@ class TestRefineLabels:
         np.testing.assert_array_equal(np.asarray(out)[decided], np.argmax(refined, -1)[decided])
 
 
+def test_a_batch_is_refined_image_by_image():
+    cases = [_image_and_labels(seed, 16, 16, 5) for seed in (1, 2, 3)]
+    images, labels = (jnp.asarray(np.stack(x)) for x in zip(*cases))
+    cfg = PamrConfig(num_iter=4)
+    got = jax.jit(refine_labels_batch, static_argnums=(2, 3))(images, labels, 5, cfg)
+    assert got.shape == labels.shape and got.dtype == jnp.int32
+    for image, lab, g in zip(images, labels, got):
+        np.testing.assert_array_equal(g, refine_jit(image, lab, 5, cfg))
+
+
 class TestErrors:
     def test_config_defaults_and_validation(self):
         cfg = PamrConfig()
@@ -341,6 +352,8 @@ class TestErrors:
             refine_labels(image, jnp.zeros((8, 8), jnp.float32), 3)
         with pytest.raises(ValueError, match="num_labels"):
             refine_labels(image, jnp.zeros((8, 8), jnp.int32), 0)
+        with pytest.raises(ValueError, match=r"images \[B, H, W, C\] and labels \[B, H, W\] of the same"):
+            refine_labels_batch(image[None], jnp.zeros((2, 8, 8), jnp.int32), 3)
 
 
 @pytest.mark.slow

@@ -170,6 +170,89 @@ def test_every_method_runs_on_each_devices_images_and_gives_the_single_device_la
         np.testing.assert_allclose(np.asarray(v), want_diag[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {k}")
 
 
+# --------------------------------------------------------------------------- PAMR at scoring
+def _blocky_maps(n, side, rng):
+    """Label maps of very different segment counts (1 .. ~30 blocks of random ids), sparse ids."""
+    maps = []
+    for j in range(n):
+        blocks = 1 + (j * 5) % 6
+        coarse = rng.integers(0, blocks * blocks, size=(blocks, blocks)) * 7 + 3  # non-contiguous ids
+        maps.append(np.kron(coarse, np.ones((-(-side // blocks),) * 2, np.int64))[:side, :side])
+    return maps
+
+
+def _pamr_images(n, side=64):
+    return np.stack([np.asarray(prepare_image(jnp.asarray(demo_image(i, 48, side).image), side)) for i in range(n)])
+
+
+@pytest.mark.parametrize("keep_ids", [False, True])
+def test_pamr_refines_each_devices_images_to_the_one_by_one_labels(keep_ids):
+    # The runner's PAMR (runner.scoring.BatchRefiner): one program for the batch, split over the devices, with the
+    # batch's largest slot count; each image as refined alone with its own count (the earlier per-image path).
+    from spark_jax.masks.pamr import PamrConfig, label_capacity, refine_labels
+    from spark_jax.masks.resample import resize_bilinear
+    from spark_jax.runner.scoring import BatchRefiner, _refine_program
+
+    cfg, mesh = PamrConfig(num_iter=3), sharding.data_mesh()
+    n, slots = 2 * D + 1, sharding.padded_size(2 * D + 1, D)  # a short batch: padded rows
+    images, maps = _pamr_images(n), _blocky_maps(n, MASK, np.random.default_rng(0))
+    got = BatchRefiner(cfg, mesh, slots, keep_ids=keep_ids)(images, maps)
+    one = jax.jit(refine_labels, static_argnums=(2, 3))
+    for image, m, g in zip(images, maps, got):
+        ids, ranks = np.unique(m, return_inverse=True)
+        small = resize_bilinear(jnp.asarray(image), MASK, MASK)
+        want = np.asarray(one(small, jnp.asarray(ranks.reshape(m.shape), jnp.int32), label_capacity(ids.size), cfg))
+        np.testing.assert_array_equal(g, ids[want] if keep_ids else want)
+    assert len({np.unique(m).size for m in maps}) > 2  # the images needed different slot counts
+    batch = tuple(sharding.put_batch(x, mesh) for x in sharding.pad_rows(images, slots)[:1] +
+                  (sharding.pad_rows(np.zeros((n, MASK, MASK), np.int32), slots)[0],))
+    text = _refine_program(cfg, mesh, 32, MASK, MASK).lower(batch, ()).compile().as_text()
+    assert not [c for c in COLLECTIVES if c in text], "PAMR's devices communicate"
+
+
+def test_scoring_a_batch_merges_then_refines_each_image_as_the_reference_orders_them():
+    # score_batch: every image's background merge, one PAMR program for all, then the counts; the same as scoring
+    # each image with its own PAMR call between merge and counts (evaluation.score_image's `refine`).
+    from spark_jax.evaluation import Evaluator, LabelSpace, score_image
+    from spark_jax.masks.pamr import PamrConfig, label_capacity, refine_labels
+    from spark_jax.masks.resample import resize_bilinear
+    from spark_jax.runner.scoring import BatchRefiner, score_batch
+
+    voc = LabelSpace("voc", ("background", "cat", "dog"), background=0)
+    rng = np.random.default_rng(1)
+    n, cfg = D + 3, PamrConfig(num_iter=2)
+    images, preds = _pamr_images(n), _blocky_maps(n, MASK, rng)
+    gts = [np.kron(rng.integers(0, 3, size=(4, 4)), np.ones((MASK // 4, MASK // 4), np.int64)) for _ in range(n)]
+    gts[-1] = None  # an unlabelled image: refined, not scored
+    ev = Evaluator(voc, "standard")
+    refiner = BatchRefiner(cfg, sharding.data_mesh(), sharding.padded_size(n, D))
+    got = score_batch(ev, [f"i{j}" for j in range(n)], preds, gts, refiner, images)
+
+    def own_pamr(image):
+        small = resize_bilinear(jnp.asarray(image), MASK, MASK)
+
+        def refine(pred):
+            ids, ranks = np.unique(pred, return_inverse=True)
+            return np.asarray(refine_labels(small, jnp.asarray(ranks.reshape(pred.shape), jnp.int32),
+                                            label_capacity(ids.size), cfg))
+        return refine
+
+    merged_something = False
+    for j in range(n - 1):
+        want = score_image(preds[j], gts[j], voc, refine=own_pamr(images[j]))
+        final, fields = got[j]
+        np.testing.assert_array_equal(final, want.pred)
+        assert (fields["tp"], fields["fp"], fields["fn"], fields["pixels"]) == \
+            (want.tp.tolist(), want.fp.tolist(), want.fn.tolist(), want.pixels)
+        merged_something |= np.unique(want.pred).size < np.unique(preds[j]).size
+    assert merged_something  # the merge ran before PAMR on some image
+    final, fields = got[-1]
+    assert not fields["scored"]
+    np.testing.assert_array_equal(final, own_pamr(images[-1])(np.unique(preds[-1], return_inverse=True)[1]
+                                                             .reshape(preds[-1].shape)))
+    assert len(ev) == n - 1
+
+
 # --------------------------------------------------------------------------- the runner on the demo
 def _demo_cfg(out, method="spark", **kw):
     base = dict(dataset="demo", backbone="handcrafted", resolution=RES, mask_size=MASK, demo_images=5,

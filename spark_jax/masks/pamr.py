@@ -37,6 +37,7 @@ __all__ = [
     "pamr_affinity",
     "median_filter_3x3",
     "refine_labels",
+    "refine_labels_batch",
     "keep_largest_segments",
     "label_capacity",
 ]
@@ -298,6 +299,18 @@ def refine_labels(
         return _refine(image, labels, num_labels, cfg)
     slots, slot_ids = keep_largest_segments(labels, num_labels, capacity)
     return slot_ids[_refine(image, slots, capacity, cfg)]
+
+
+def refine_labels_batch(
+    images: jax.Array, labels: jax.Array, num_labels: int, cfg: PamrConfig = PamrConfig()
+) -> jax.Array:
+    """:func:`refine_labels` of each image of a batch (``vmap``): images ``[B, H, W, C]``, labels int ``[B, H, W]``
+    in ``[0, num_labels)`` -> int32 ``[B, H, W]``, every image's result its own (the steps are per pixel and per
+    label slot; nothing mixes the images). Jitted on a batch split over devices, it runs on each device's rows."""
+    if images.ndim != 4 or labels.ndim != 3 or labels.shape != images.shape[:3]:
+        raise ValueError(f"refine_labels_batch expects images [B, H, W, C] and labels [B, H, W] of the same B, H, W; "
+                         f"got {images.shape} and {labels.shape}.")
+    return jax.vmap(lambda image, lab: refine_labels(image, lab, num_labels, cfg))(images, labels)
 
 
 def _refine(image: jax.Array, labels: jax.Array, num_slots: int, cfg: PamrConfig) -> jax.Array:

@@ -23,9 +23,9 @@ from spark_jax.runner.errors import bad_data_error, nonfinite_error
 from spark_jax.methods.registry import MethodContext, MethodInputs, jitted_method
 from spark_jax.runner.features import batch_taps, feature_map, token_grid
 from spark_jax.runner.input_pipeline import BatchLoader
-from spark_jax.runner.outputs import OutputWriter, resize_image, write_image_outputs
+from spark_jax.runner.outputs import OutputWriter, write_image_outputs
 from spark_jax.runner.rundir import append_record
-from spark_jax.runner.scoring import pamr_refiner, score_image
+from spark_jax.runner.scoring import BatchRefiner, score_batch
 
 __all__ = ["STAGES", "Batch", "MethodCaller", "RunState", "run_batches", "verify_data"]
 
@@ -193,6 +193,12 @@ def _batch_loop(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
         taps = (feature_tap, *taps)  # MethodInputs.features is always there
     grid = token_grid(backbone, feature_tap)
     method = MethodCaller(cfg, feature_tap, mesh, open_vocab)
+    # PAMR on each device's images: of the segments before CLIP names them (--label_with=clip), else at scoring
+    # (keeping class ids in an open-vocabulary run).
+    pamr_cfg = (cfg.pamr_config if cfg.pamr else None) if open_vocab is None else open_vocab.pamr
+    refiner = None if pamr_cfg is None else BatchRefiner(pamr_cfg, mesh, method.slots,
+                                                         keep_ids=open_vocab is not None)
+    scoring_refiner = None if open_vocab is not None and open_vocab.label_with == "clip" else refiner
     space = ds.label_space
     for loaded in loader:  # in order; the wait is timing["load"]; unreadable samples raised or skipped there
         batch = Batch(*loaded)
@@ -220,22 +226,18 @@ def _batch_loop(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
             state.timing["backbone"] += time.perf_counter() - t
         labels, diag, per_image_seconds = method(feats, values, images, batch, state,
                                                  class_probs=None if clip is None else clip[1])
-        small = resize_image(batch.prepared, cfg.mask_size, cfg.mask_size)
+        t = time.perf_counter()
         if open_vocab is not None and open_vocab.label_with == "clip":  # segments -> PAMR -> CLIP's class names
-            labels = open_vocab.name_segments(labels, small, clip[0][: len(batch.samples)])
+            labels = open_vocab.name_segments(labels, images, clip[0], refiner)
+        scores = score_batch(state.evaluator, [s.image_id for s in batch.samples], list(labels), batch.labels,
+                             scoring_refiner, images, class_ids=open_vocab is not None)
+        state.timing["score"] += time.perf_counter() - t
 
         for j, (i, s) in enumerate(zip(batch.indices, batch.samples)):
-            t = time.perf_counter()
-            if open_vocab is not None:
-                refine = open_vocab.refiner(small[j])  # PAMR keeping class ids; none after --label_with
-            else:
-                refine = pamr_refiner(small[j], cfg.pamr_config) if cfg.pamr else None
-            final, score = score_image(state.evaluator, s.image_id, labels[j], batch.labels[j], refine,
-                                       class_ids=open_vocab is not None)
+            final, score = scores[j]
             rec: dict[str, Any] = {"id": s.image_id, "index": int(i), "clustering_seconds": per_image_seconds,
                                    "num_classes_present": batch.num_classes[j],
                                    "nonfinite_feature_tokens": int(nonfinite[j]), **score}
-            state.timing["score"] += time.perf_counter() - t
 
             rec["diagnostics"] = {k: v[j].item() for k, v in diag.items()}
             rec["num_predicted_segments"] = int(np.unique(final).size)  # ids are contiguous, or class ids

@@ -47,9 +47,9 @@ from spark_jax.openvocab.dense import DenseCLIPConfig, dense_features
 from spark_jax.openvocab.prompts import read_class_names
 from spark_jax.runner.config import TEMPLATE_SETS, RunConfig
 from spark_jax.runner.errors import BackboneNotFoundError
-from spark_jax.runner.scoring import contiguous, pamr_refiner
+from spark_jax.runner.scoring import BatchRefiner, contiguous
 
-__all__ = ["CLIP_REPO", "OpenVocab", "class_id_refiner", "open_vocab_dataset", "resolve_clip_checkpoint",
+__all__ = ["CLIP_REPO", "OpenVocab", "open_vocab_dataset", "resolve_clip_checkpoint",
            "setup_open_vocab"]
 
 # NERVE's CLIP (seed 003, slide 5.1: CLIP ViT-L/14).
@@ -87,18 +87,6 @@ def resolve_clip_checkpoint(cfg: RunConfig) -> str:
 def open_vocab_dataset(cfg: RunConfig, **kwargs) -> Dataset:
     """The reader of the open-vocabulary benchmark ``cfg.dataset`` (ValueError listing them)."""
     return benchmark(cfg.dataset).read(cfg.data_dir, **kwargs)
-
-
-def class_id_refiner(image_small: np.ndarray, cfg: PamrConfig):
-    """PAMR of a map of class ids [m, m] that keeps the ids (PAMR works on contiguous slots): the ids present are
-    mapped to slots, refined, and mapped back."""
-    refine = pamr_refiner(image_small, cfg)
-
-    def run(pred: np.ndarray) -> np.ndarray:
-        ids, slots = np.unique(np.asarray(pred), return_inverse=True)
-        return ids[np.asarray(refine(slots.reshape(np.shape(pred))))]
-
-    return run
 
 
 @functools.partial(nnx.jit, static_argnames=("cfg", "side"))
@@ -152,27 +140,19 @@ class OpenVocab:
         return _encode(self.clip.model, self.classifier, prepared, mean, std, cfg=self.dense,
                        side=self.clip_resolution)
 
-    def name_segments(self, segments: np.ndarray, small: np.ndarray, dense: jax.Array) -> np.ndarray:
+    def name_segments(self, segments: np.ndarray, images: jax.Array, dense: jax.Array,
+                      refiner: BatchRefiner | None) -> np.ndarray:
         """``--label_with=clip``: segments [n, m, m] (any ids) -> class ids [n, m, m]: PAMR on each image's
-        segments (images ``small`` [n, m, m, 3] at the mask size), then CLIP mask pooling of ``dense`` [n, ...]."""
-        refined = []
-        for j, seg in enumerate(np.asarray(segments)):
-            seg = contiguous(seg)
-            if self.pamr is not None:
-                seg = contiguous(pamr_refiner(small[j], self.pamr)(seg))
-            refined.append(seg)
-        refined = np.stack(refined).astype(np.int32)
+        segments (``refiner``, on the batch's prepared ``images``; None: ``--nopamr``), then CLIP mask pooling
+        of ``dense`` [slots, ...] (the rows past n are padding)."""
+        segments = [contiguous(seg) for seg in np.asarray(segments)]
+        if refiner is not None:
+            segments = [contiguous(seg) for seg in refiner(images, segments)]
+        refined = np.stack(segments).astype(np.int32)
         capacity = label_capacity(int(refined.max()) + 1)  # power-of-two buckets: few compilations
-        ids = _label_jit(jnp.asarray(refined), dense, self.classifier, num_segments=capacity,
+        ids = _label_jit(jnp.asarray(refined), dense[: len(refined)], self.classifier, num_segments=capacity,
                          background_threshold=jnp.float32(self.background_threshold))
         return np.asarray(ids)
-
-    def refiner(self, small: np.ndarray):
-        """The refinement at scoring: PAMR keeping class ids for an open-vocabulary method, none after
-        :meth:`name_segments` (PAMR ran on the segments)."""
-        if self.pamr is None or self.label_with == "clip":
-            return None
-        return class_id_refiner(small, self.pamr)
 
     def identity(self) -> dict[str, Any]:
         """What the run's results depend on beyond ``RunConfig`` (``run_config.json``: a resume with another CLIP

@@ -1,23 +1,25 @@
-"""Scoring one image as the reference does: the method's labels -> many-to-one background merge -> PAMR on the
-merged map -> per-image Hungarian counts (:mod:`spark_jax.evaluation`)."""
+"""Scoring as the reference does: the method's labels -> many-to-one background merge -> PAMR on the merged map ->
+per-image Hungarian counts (:mod:`spark_jax.evaluation`). The merges and counts are per image on the host (scipy's
+Hungarian solver); PAMR runs on the whole batch in one program on the devices (:class:`BatchRefiner`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from spark_jax.evaluation import Evaluator, LabelSpace, protocol_labels
-from spark_jax.masks.pamr import PamrConfig, label_capacity, refine_labels
+from spark_jax import sharding
+from spark_jax.evaluation import Evaluator, LabelSpace, protocol_labels, refinement_input
+from spark_jax.masks.pamr import PamrConfig, label_capacity, refine_labels_batch
+from spark_jax.masks.resample import resize_bilinear
 from spark_jax.openvocab.evaluation import OpenVocabEvaluator, sparse_confusion
 from spark_jax.runner.errors import CorruptRunError
 
-__all__ = ["classes_present", "contiguous", "make_evaluator", "pamr_refiner", "restore_scores", "score_image"]
-
-_refine_jit = jax.jit(refine_labels, static_argnums=(2, 3))
+__all__ = ["BatchRefiner", "classes_present", "contiguous", "make_evaluator", "restore_scores", "score_batch",
+           "score_image"]
 
 
 def make_evaluator(space: LabelSpace, protocol: str) -> Evaluator | OpenVocabEvaluator:
@@ -48,17 +50,71 @@ def _as_ids(pred: np.ndarray) -> np.ndarray:
     return np.asarray(pred, np.int64)
 
 
-def pamr_refiner(image_small: np.ndarray, cfg: PamrConfig) -> Callable[[np.ndarray], np.ndarray]:
-    """PAMR of a label map at the mask size on the image resized to it [m, m, 3], with as many label slots as
-    the map has segments (rounded up to a power of two: few compilations)."""
-    image = jnp.asarray(image_small)
+@functools.lru_cache(maxsize=64)
+def _refine_program(cfg: PamrConfig, mesh: jax.sharding.Mesh, capacity: int, height: int, width: int) -> Callable:
+    """PAMR with ``capacity`` slots at ``height x width`` on each device's rows, one jitted program per process for
+    each setting (runs, and sweeps of runs, share its compilations)."""
+
+    def refine(batch, _):
+        images, ranks = batch
+        return refine_labels_batch(resize_bilinear(images, height, width), ranks, capacity, cfg)
+
+    return jax.jit(sharding.per_device(refine, mesh))
+
+
+class BatchRefiner:
+    """PAMR of a batch's label maps in one jitted program on the devices of ``mesh``, each device refining its own
+    images (:func:`spark_jax.sharding.per_device`; results identical to refining them one by one), on the prepared
+    images resized bilinearly to the maps' size (the reference's PAMR input), inside the same program.
+
+    Every map's ids are first replaced by their ranks among the ids present (what DiffCut's PAMR step does), and
+    PAMR gets as many label slots as the batch's largest count, rounded up to a power of two (few compilations;
+    slots no pixel holds never win, so every image's result is the one its own count would give). ``keep_ids``:
+    the refined ranks are mapped back to the ids (class ids of an open-vocabulary run); else they are returned.
+    """
+
+    def __init__(self, cfg: PamrConfig, mesh: jax.sharding.Mesh, slots: int, *, keep_ids: bool = False):
+        self.cfg, self.mesh, self.slots, self.keep_ids = cfg, mesh, slots, keep_ids
+
+    def __call__(self, images: jax.Array | np.ndarray, maps: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Refines ``maps`` (n int [m, m] label maps, 1 <= n <= ``slots``) on ``images``, the batch's prepared
+        images [slots or n, S, S, 3] in [0, 1] (rows past n are padding; a host array is padded and placed)."""
+        uniques = [np.unique(np.asarray(m), return_inverse=True) for m in maps]
+        ranks = np.stack([inv.reshape(np.shape(m)) for m, (_, inv) in zip(maps, uniques)]).astype(np.int32)
+        capacity = label_capacity(max(ids.size for ids, _ in uniques))
+        batch = (sharding.put_rows(images, self.slots, self.mesh), sharding.put_rows(ranks, self.slots, self.mesh))
+        out = _refine_program(self.cfg, self.mesh, capacity, *ranks.shape[1:])(batch, ())
+        out = np.asarray(out)[: len(maps)].astype(np.int64)
+        return [ids[o] for (ids, _), o in zip(uniques, out)] if self.keep_ids else list(out)
+
+
+def _given(expected: np.ndarray, result: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A ``refine`` that hands back ``result``, computed beforehand on ``expected`` (batched PAMR)."""
 
     def refine(pred: np.ndarray) -> np.ndarray:
-        pred = contiguous(pred)
-        k = int(pred.max()) + 1
-        return np.asarray(_refine_jit(image, jnp.asarray(pred, jnp.int32), label_capacity(k), cfg))
+        if not np.array_equal(pred, expected):  # a scoring change that moved the refinement's input
+            raise AssertionError("the map handed to refinement is not the one refined in the batch")
+        return result
 
     return refine
+
+
+def score_batch(evaluator: Evaluator | OpenVocabEvaluator, image_ids: Sequence[str], preds: Sequence[np.ndarray],
+                gts: Sequence[np.ndarray | None], refiner: BatchRefiner | None, images: jax.Array | np.ndarray, *,
+                class_ids: bool = False) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """:func:`score_image` of every image of a batch, with the refinement (PAMR) of all of them in one program
+    on the devices (``refiner``, None: no refinement) between the background merge and the counts, as the
+    reference orders them. ``images``: the batch's prepared images, for PAMR."""
+    ids_of = _as_ids if class_ids else contiguous
+    preds = [ids_of(p) for p in preds]
+    refines: list[Callable | None] = [None] * len(preds)
+    if refiner is not None:
+        inputs = [p if gt is None or class_ids else
+                  refinement_input(p, gt, evaluator.space, protocol=evaluator.protocol)
+                  for p, gt in zip(preds, gts)]
+        refines = [_given(x, y) for x, y in zip(inputs, refiner(images, inputs))]
+    return [score_image(evaluator, i, p, gt, r, class_ids=class_ids)
+            for i, p, gt, r in zip(image_ids, preds, gts, refines)]
 
 
 def score_image(evaluator: Evaluator, image_id: str, pred: np.ndarray, gt: np.ndarray | None,
