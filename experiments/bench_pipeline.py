@@ -30,13 +30,16 @@ batch). A configuration's cost is estimated from the last one measured (compile 
 by the batch ratio); with too little time left the timed rounds are reduced to one, then the configuration (and
 every larger one of that dtype) is skipped and listed as skipped with the reason. A configuration that fails (e.g.
 out of memory) is listed with its error, and the run goes on. Configurations run in increasing batch size, both
-dtypes at each, so ``peak_device_gb`` (the device's peak bytes in use so far: ``Device.memory_stats()``; the
+dtypes at each, so ``peak_gb`` (the device's peak bytes in use so far: ``Device.memory_stats()``; the
 process's peak RSS on CPUs) is the peak of the largest configuration run so far. ``planned_gb`` is XLA's plan for
 the largest of the configuration's programs (arguments + outputs + temporaries, ``Compiled.memory_analysis()``).
 ``--compilation_cache_dir`` turns on JAX's persistent compilation cache, so a second run skips most compilation.
 
-The benchmark uses the default device only; ``device_count`` reports how many there are (the sharded path, issue
-16 item 1, is what uses all of them).
+Every device of the process is used (``--devices=N``: the first N), as the runner uses them
+(:mod:`spark_jax.sharding`): a batch is split over a ``data`` mesh, the parameters and the conditioning are on every
+device, the backbone's programs keep the split (XLA partitions them), and SPARK, the upsampling and PAMR run on each
+device's own images (``sharding.per_device``); batch sizes are rounded up to multiples of the device count, and
+images/s counts the whole batch. ``peak_gb`` is the fullest device's.
 
 Measured on this project's 2-core CPU: see the report of issue 16 (WORKSPACE.md).
 """
@@ -62,6 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from spark_jax import sharding  # noqa: E402
 from spark_jax.backbones.conditioning import alphas_cumprod, shared_noise  # noqa: E402
 from spark_jax.backbones.diffusion import Conditioning, compiler_options, latent_features, precision_context  # noqa: E402
 from spark_jax.config import SparkConfig  # noqa: E402
@@ -266,7 +270,7 @@ class Bench:
     def __init__(self, unet_cfg: UNetConfig, vae_cfg: VAEEncoderConfig, scheduler: dict[str, Any], *, size: int,
                  dtypes: Sequence[str], seed: int = 0, spark: SparkConfig = SparkConfig(),
                  mask_size: tuple[int, int] = (128, 128), pamr: PamrConfig = PamrConfig(),
-                 matmul_precision: str | None = "highest"):
+                 matmul_precision: str | None = "highest", devices: Sequence[jax.Device] | None = None):
         step = vae_cfg.downscale * unet_cfg.feature_stride
         if size <= 0 or size % step:
             raise ValueError(f"--size={size} must be a positive multiple of {step} (VAE downscale {vae_cfg.downscale}"
@@ -274,7 +278,9 @@ class Bench:
         unknown = [d for d in dtypes if d not in DTYPES]
         if unknown or not dtypes:
             raise ValueError(f"--dtypes={','.join(dtypes)}: choose among {', '.join(DTYPES)}")
-        self.size, self.dtypes, self.seed, self.device = size, tuple(dtypes), seed, jax.devices()[0]
+        # Batches split over the devices' `data` mesh, the parameters on each of them (as spark_jax.runner runs).
+        self.mesh = sharding.data_mesh(devices)
+        self.size, self.dtypes, self.seed, self.device = size, tuple(dtypes), seed, self.mesh.devices.flat[0]
         self.options = compiler_options(self.device.platform)
         tap = unet_cfg.feature_tap
         latent = size // vae_cfg.downscale
@@ -283,13 +289,16 @@ class Bench:
         t0 = time.perf_counter()
         vae = calibrated_vae(vae_cfg, seed=seed)
         unet32 = random_module(unet_cfg, seed=seed + 1, keep=unet_params_for_taps(unet_cfg, (tap,)).__contains__)
-        vae_graph, self.vae_params = nnx.split(vae)
+        vae_graph, vae_params = nnx.split(vae)
         unet_graph, params32 = nnx.split(unet32)
         # One model: the reduced-precision parameters are the float32 ones rounded (as load_backbone casts them).
-        self.unet_params = {d: params32 if d == "float32" else cast(params32, DTYPES[d]) for d in dtypes}
+        self.vae_params = sharding.replicate(vae_params, self.mesh)
+        self.unet_params = {d: sharding.replicate(params32 if d == "float32" else cast(params32, DTYPES[d]),
+                                                  self.mesh) for d in dtypes}
         self.num_params = sum(x.size for x in jax.tree.leaves(params32)) + sum(x.size for x in
-                                                                             jax.tree.leaves(self.vae_params))
-        self.cond = random_conditioning(unet_cfg, scheduler, latent_hw=self.latent_hw, size=size, seed=seed)
+                                                                             jax.tree.leaves(vae_params))
+        self.cond = sharding.replicate(
+            random_conditioning(unet_cfg, scheduler, latent_hw=self.latent_hw, size=size, seed=seed), self.mesh)
         self.init_s = time.perf_counter() - t0
         self.stages = Stages(vae_graph, unet_graph, spark, mask_size, num_label_columns(h * w, spark), pamr,
                              matmul_precision)
@@ -298,16 +307,30 @@ class Bench:
         self._compiled: dict[tuple, Any] = {}
         self._compile_s: dict[str, float] = {}  # the last compile time of each program kind (for the estimates)
 
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    def _batch(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh))
+
     def _compile(self, key: tuple, fn: Callable, *args, **static) -> tuple[Any, float]:
         """The compiled program of ``fn`` for ``args`` (cached under ``key``) and the seconds this call spent.
 
-        The backbone's programs get the backbone's compiler options (as ``Backbone`` compiles them), the others
+        The backbone's programs (``vae``, ``unet``: their batch split over the mesh, XLA keeping it so, as the
+        runner's backbone runs) get the backbone's compiler options (as ``Backbone`` compiles them); the others
+        run on each device's own images (``sharding.per_device``, as the runner runs the method and PAMR) and get
         none (as ``pipeline`` compiles them)."""
         if key in self._compiled:
             return self._compiled[key], 0.0
         t0 = time.perf_counter()
-        options = self.options if key[0] in ("vae", "unet") else None
-        compiled = jax.jit(functools.partial(fn, **static), compiler_options=options).lower(*args).compile()
+        if key[0] in ("vae", "unet"):
+            program = jax.jit(functools.partial(fn, **static), compiler_options=self.options)
+        else:
+            program = jax.jit(sharding.per_device(lambda batch, _: fn(*batch, **static), self.mesh))
+            args = (args, ())
+        with sharding.active(self.mesh):
+            compiled = program.lower(*args).compile()
         seconds = time.perf_counter() - t0
         self._compiled[key] = compiled
         self._compile_s[key[0]] = seconds
@@ -322,18 +345,20 @@ class Bench:
     def measure(self, dtype: str, batch: int, rounds: int) -> dict[str, Any]:
         """Compiles (where not yet done) and times one configuration: a warm-up round, then ``rounds`` timed ones."""
         st = self.stages
-        prepared = jax.block_until_ready(demo_images(self.size, batch))
+        if batch % self.num_devices:
+            raise ValueError(f"batch {batch} does not split over {self.num_devices} devices; use a multiple")
+        prepared = jax.block_until_ready(sharding.put_batch(demo_images(self.size, batch), self.mesh))
         compile_s = 0.0
         vae, s = self._compile(("vae", batch), st.vae, self.vae_params, prepared)
         compile_s += s
-        latents = jax.ShapeDtypeStruct((batch, *self.latent_hw, self.latent_channels), jnp.float32)
+        latents = self._batch((batch, *self.latent_hw, self.latent_channels), jnp.float32)
         unet, s = self._compile(("unet", batch, dtype), st.unet, self.unet_params[dtype], self.cond, latents,
                                 unet_dtype=DTYPES[dtype])
         compile_s += s
-        feats = jax.ShapeDtypeStruct((batch, *self.token_grid, self.feature_channels), jnp.float32)
+        feats = self._batch((batch, *self.token_grid, self.feature_channels), jnp.float32)
         segment, s = self._compile(("spark", batch), st.segment, feats)
         compile_s += s
-        soft = jax.ShapeDtypeStruct((batch, *self.token_grid, st.num_labels), jnp.float32)
+        soft = self._batch((batch, *self.token_grid, st.num_labels), jnp.float32)
         upsample, s = self._compile(("upsample", batch), st.upsample, soft)
         compile_s += s
         planned = [_planned_bytes(c) for c in (vae, unet, segment, upsample)]
@@ -348,10 +373,10 @@ class Bench:
             f = jax.block_until_ready(unet(self.unet_params[dtype], self.cond, lat))
             times["unet"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            q, k, iters, converged = jax.block_until_ready(segment(f))
+            q, k, iters, converged = jax.block_until_ready(segment((f,), ()))
             times["spark"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            coarse, present = jax.block_until_ready(upsample(q))
+            coarse, present = jax.block_until_ready(upsample((q,), ()))
             times["upsample"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             capacity = min(st.num_labels, label_capacity(int(jnp.max(present))))  # the host read segment makes
@@ -360,7 +385,7 @@ class Bench:
                 compile_s += s
                 planned.append(_planned_bytes(refine))
                 t0 = time.perf_counter()
-            jax.block_until_ready(refine(prepared, coarse))
+            jax.block_until_ready(refine((prepared, coarse), ()))
             times["pamr"] = time.perf_counter() - t0
             times["total"] = time.perf_counter() - t_round - s
             times.update(num_clusters=float(np.mean(k)), mcl_iterations=int(np.max(iters)),
@@ -371,7 +396,7 @@ class Bench:
         timed = [one_round() for _ in range(rounds)]
         med = {name: statistics.median(r[name] for r in timed)
                for name in ("vae", "unet", "spark", "upsample", "pamr", "total")}
-        peak, peak_kind = peak_memory_bytes(self.device)
+        peak, peak_kind = max(peak_memory_bytes(d) for d in self.mesh.devices.flat)  # the fullest device
         known = [p for p in planned if p is not None]
         return dict(
             dtype=dtype, batch=batch, status="ok", rounds=rounds, **{f"{k}_s": v for k, v in med.items()},
@@ -403,10 +428,15 @@ def run(bench: Bench, *, batch_sizes: Sequence[int], rounds: int = 3, time_budge
         raise ValueError(f"--batch_sizes must be ints >= 1, got {list(batch_sizes)}")
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
+    # Every device gets as many images: batches rounded up to a multiple of the device count (as the runner pads).
+    batches = sorted({sharding.padded_size(b, bench.num_devices) for b in batch_sizes})
+    if batches != sorted(set(batch_sizes)):
+        log(f"batch sizes {sorted(set(batch_sizes))} rounded up to multiples of the {bench.num_devices} devices: "
+            f"{batches}")
     rows: list[dict[str, Any]] = []
     last: dict[str, dict[str, Any]] = {}  # the last measured row of each dtype
     stopped: dict[str, str] = {}  # dtype -> why its larger batches are skipped
-    for batch in sorted(set(batch_sizes)):
+    for batch in batches:
         for dtype in bench.dtypes:
             if dtype in stopped:
                 rows.append(dict(dtype=dtype, batch=batch, status="skipped", reason=stopped[dtype]))
@@ -442,8 +472,8 @@ def run(bench: Bench, *, batch_sizes: Sequence[int], rounds: int = 3, time_budge
                 f"compiled in {row['compile_s']:.1f} s")
     return dict(
         device=dict(platform=bench.device.platform, kind=bench.device.device_kind, device_count=jax.device_count(),
-                    devices_used=1, jax=jax.__version__),
-        settings=dict(size=bench.size, batch_sizes=sorted(set(batch_sizes)), dtypes=list(bench.dtypes),
+                    devices_used=bench.num_devices, jax=jax.__version__),
+        settings=dict(size=bench.size, batch_sizes=batches, dtypes=list(bench.dtypes),
                       rounds=rounds, time_budget_s=time_budget_s, seed=bench.seed,
                       matmul_precision=bench.stages.matmul_precision,
                       token_grid=list(bench.token_grid), label_columns=bench.stages.num_labels,
@@ -469,7 +499,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['unet_s']:7.3f} {r['spark_s']:8.3f} {r['upsample_s']:8.3f} {r['pamr_s']:7.3f} {r['compile_s']:9.1f} "
             f"{planned:>10} {peak:>8} {r['num_clusters_mean']:6.1f} {r['mcl_iterations_max']:6d}")
     d, s = result["device"], result["settings"]
-    lines.append(f"{d['platform']} ({d['kind']}), {d['device_count']} device(s), 1 used; {s['size']} px, "
+    lines.append(f"{d['platform']} ({d['kind']}), {d['device_count']} device(s), {d['devices_used']} used; "
+                 f"{s['size']} px, "
                  f"{s['token_grid'][0]}x{s['token_grid'][1]} tokens, {s['parameters_held'] / 1e6:.0f}M parameters, "
                  f"precision {s['matmul_precision']}; wall {result['wall_s']:.0f} s of a {s['time_budget_s']:.0f} s "
                  "budget")
@@ -490,6 +521,8 @@ def _define_flags():
     flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high", "default"],
                       "Precision of every matmul/convolution (BackboneConfig.matmul_precision; 'default' lets GPUs "
                       "use TF32 for float32).")
+    flags.DEFINE_integer("devices", 0, "Devices the batches are split over: the first N of this process's (0: all "
+                         "of them). Batch sizes are rounded up to multiples of N.")
     flags.DEFINE_string("output", "bench_pipeline.json", "Where the JSON result is written.")
     flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation cache (a second run reuses it).")
     return flags.FLAGS
@@ -507,10 +540,15 @@ def main(argv):
         raise SystemExit(f"--batch_sizes={','.join(FLAGS.batch_sizes)}: expected comma-separated ints") from None
     log = lambda msg: print(f"[{time.perf_counter() - _START:6.1f} s] {msg}", flush=True)  # noqa: E731
     try:
+        local = jax.local_devices()
+        if not 0 <= FLAGS.devices <= len(local):
+            raise ValueError(f"--devices={FLAGS.devices}: this process has {len(local)} device(s); pass 1.."
+                             f"{len(local)}, or 0 for all")
         bench = Bench(*ssd1b_configs(), size=FLAGS.size, dtypes=FLAGS.dtypes, seed=FLAGS.seed,
-                      matmul_precision=FLAGS.matmul_precision)
+                      matmul_precision=FLAGS.matmul_precision, devices=local[: FLAGS.devices or len(local)])
         log(f"random model ready in {bench.init_s:.1f} s ({bench.num_params / 1e6:.0f}M parameters held); "
-            f"{bench.device.platform} device {bench.device.device_kind}, {jax.device_count()} device(s)")
+            f"{bench.device.platform} device {bench.device.device_kind}, {bench.num_devices} of "
+            f"{jax.device_count()} device(s) used")
         result = run(bench, batch_sizes=batch_sizes, rounds=FLAGS.rounds, time_budget_s=FLAGS.time_budget_s, log=log)
     except ValueError as e:
         raise SystemExit(str(e)) from None

@@ -325,3 +325,38 @@ def test_the_diffusion_backbone_runs_sharded_to_the_single_device_features(tmp_p
         assert _split(got[t], mesh)
         scale = np.max(np.abs(want[t]))
         np.testing.assert_allclose(np.asarray(got[t]), want[t], rtol=0, atol=1e-4 * scale, err_msg=t)
+
+
+@pytest.mark.slow
+def test_the_pipeline_benchmark_splits_its_batches_over_every_device():
+    # experiments.bench_pipeline, on the tiny SDXL form: every stage runs on the devices' own images (nothing
+    # gathered), the batch sizes are rounded to the device count, and SPARK finds what one device finds.
+    import time
+
+    from test_backbone_helpers import VAE
+    from unet_forms import FORMS
+
+    from experiments import bench_pipeline as bp
+    from experiments.bench_backbone import SCHEDULER
+    from spark_jax.models.unet import UNetConfig
+    from spark_jax.models.vae_encoder import VAEEncoderConfig
+
+    def bench(devices, batch_sizes):
+        b = bp.Bench(UNetConfig.from_diffusers(FORMS["sdxl"]), VAEEncoderConfig.from_diffusers(VAE), SCHEDULER,
+                     size=64, dtypes=["float32"], devices=devices, mask_size=(MASK, MASK))
+        return b, bp.run(b, batch_sizes=batch_sizes, rounds=1, time_budget_s=600, start=time.perf_counter(),
+                         log=lambda m: None)
+
+    every, result = bench(None, [D + 1])  # rounded up to 2 D images (two per device), or 2 on one device
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["batch"] == 2 * D
+    assert result["device"]["devices_used"] == D and f"{D} used" in bp.format_table(result)
+    for key, compiled in every._compiled.items():
+        text = compiled.as_text()
+        assert not [c for c in COLLECTIVES if c in text], f"{key}: the devices communicate"
+    _, alone = bench(DEVICES[:1], [2 * D])
+    (one,) = alone["rows"]
+    assert (one["status"], one["batch"], alone["device"]["devices_used"]) == ("ok", 2 * D, 1)
+    # The same 2 D images give the same clusters on one device as on all of them.
+    for key in ("num_clusters_mean", "mcl_iterations_max", "mcl_converged", "pamr_capacity"):
+        assert row[key] == one[key], key
