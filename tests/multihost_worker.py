@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # before JAX starts, whatever the parent set
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -59,4 +58,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Before JAX starts, whatever the parent set; only here: test_multihost imports this module (tiny_config), and
+    # setting it at import would give the whole pytest process two devices.
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     main()

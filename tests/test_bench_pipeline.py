@@ -24,6 +24,7 @@ from experiments import bench_pipeline as bp
 from experiments.bench_backbone import SCHEDULER
 from spark_jax.backbones.diffusion import _CPU_COMPILER_OPTIONS, compiler_options, encode_prepared
 from spark_jax.models.unet import UNetConfig
+from spark_jax.sharding import padded_size
 from spark_jax.models.vae_encoder import VAEEncoderConfig
 
 UNET = UNetConfig.from_diffusers(FORMS["sdxl"])
@@ -77,8 +78,9 @@ def test_the_calibrated_random_vae_gives_unit_variance_latents():
 
 def test_the_time_budget_skips_what_cannot_start_and_says_why(bench, result):
     spent = bp.run(bench, batch_sizes=[1, 4], time_budget_s=0.0, start=time.perf_counter(), log=lambda m: None)
+    batches = sorted({padded_size(b, jax.local_device_count()) for b in (1, 4)})  # a batch fills every device
     assert [(r["dtype"], r["batch"], r["status"]) for r in spent["rows"]] == [
-        ("float32", 1, "skipped"), ("float32", 4, "skipped")]
+        ("float32", b, "skipped") for b in batches]
     assert all("time budget" in r["reason"] for r in spent["rows"])
     assert "skipped: time budget" in bp.format_table(spent)
     # After a measured configuration, the next one is estimated: a budget shorter than its rounds skips it, named.
