@@ -27,7 +27,7 @@ import numpy as np
 
 from spark_jax.masks.resample import resize_bilinear
 
-__all__ = ["crop_box", "prepare_image", "prepare_label", "label_indices"]
+__all__ = ["crop_box", "label_indices", "nearest_index", "prepare_image", "prepare_label"]
 
 
 def crop_box(height: int, width: int) -> tuple[int, int, int]:
@@ -58,7 +58,7 @@ def crop_box(height: int, width: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=256)
-def _nearest_index(in_size: int, out_size: int, exact: bool) -> np.ndarray:
+def nearest_index(in_size: int, out_size: int, exact: bool) -> np.ndarray:
     """Source indices of torch's ``nearest-exact`` (``exact=True``) or legacy ``nearest`` resize, in float32."""
     scale = np.float32(in_size) / np.float32(out_size)
     dst = np.arange(out_size, dtype=np.float32)
@@ -82,9 +82,9 @@ def label_indices(height: int, width: int, size: int, *, via: int | None = None)
     """
     top, left, side = crop_box(height, width)
     if via is None:
-        idx = _nearest_index(side, size, True)
+        idx = nearest_index(side, size, True)
     else:
-        idx = _nearest_index(side, int(via), True)[_nearest_index(int(via), size, False)]
+        idx = nearest_index(side, int(via), True)[nearest_index(int(via), size, False)]
     return (idx + top).astype(np.int32), (idx + left).astype(np.int32)
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from spark_jax.backbones.checkpoint import CheckpointError
 from spark_jax.models.clip import CLIPConfig, CLIPModel
-from spark_jax.models.convert import _host_counted_rngs, _SafetensorsReader, _some
+from spark_jax.models.convert import SafetensorsReader, abbreviated, host_counted_rngs
 
 Path_ = tuple[Any, ...]
 
@@ -192,14 +192,14 @@ class ArrayReader:
         return np.asarray(self._arrays[key])
 
 
-def safetensors_reader(files: Sequence[Path]) -> _SafetensorsReader:
+def safetensors_reader(files: Sequence[Path]) -> SafetensorsReader:
     """A lazy reader over one or more (sharded) safetensors files; missing or broken files are named."""
-    return _SafetensorsReader(files)
+    return SafetensorsReader(files)
 
 
 def abstract_clip(cfg: CLIPConfig) -> CLIPModel:
     """``CLIPModel(cfg)`` with shapes only (no initialisation is paid)."""
-    return nnx.eval_shape(lambda: CLIPModel(cfg, rngs=_host_counted_rngs()))
+    return nnx.eval_shape(lambda: CLIPModel(cfg, rngs=host_counted_rngs()))
 
 
 def model_paths(model: CLIPModel) -> dict[Path_, tuple[int, ...]]:
@@ -246,11 +246,11 @@ def convert_clip(
     unexpected = sorted(k for k in reader.where if k not in used and not ignored(k))
     problems = []
     if missing:
-        problems.append(f"{len(set(missing))} missing key(s): {_some(sorted(set(missing)))}")
+        problems.append(f"{len(set(missing))} missing key(s): {abbreviated(sorted(set(missing)))}")
     if mismatched:
-        problems.append(f"{len(set(mismatched))} shape mismatch(es): {_some(sorted(set(mismatched)))}")
+        problems.append(f"{len(set(mismatched))} shape mismatch(es): {abbreviated(sorted(set(mismatched)))}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_some(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected key(s): {abbreviated(unexpected)}")
     if problems:
         raise CheckpointError(f"{names} does not match the CLIP model its config describes: " + "; ".join(problems)
                               + (f". {hint}" if hint else ""))
@@ -262,7 +262,7 @@ def convert_clip(
         arrays[path] = src.convert(fetched[src.key])
     bad = sorted(k for k, a in fetched.items() if not np.all(np.isfinite(a)))
     if bad:
-        raise CheckpointError(f"{names} holds non-finite weights (NaN or Inf) in {len(bad)} tensor(s): {_some(bad)}. "
+        raise CheckpointError(f"{names} holds non-finite weights (NaN or Inf) in {len(bad)} tensor(s): {abbreviated(bad)}. "
                               "The file is corrupt or was saved from a diverged model: download it again.")
     return arrays
 

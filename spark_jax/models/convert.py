@@ -52,7 +52,7 @@ VAE_LEGACY_ALIASES = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to
 M = TypeVar("M", bound=nnx.Module)
 
 
-class _SafetensorsReader:
+class SafetensorsReader:
     """Lazy reader over one or more safetensors files (numpy backend): keys first, tensors on demand."""
 
     def __init__(self, files: Sequence[Path]):
@@ -142,7 +142,7 @@ def convert_checkpoint(
     Raises:
       CheckpointError: on missing keys, unused keys, or shape mismatches, naming each.
     """
-    reader = _SafetensorsReader(files)
+    reader = SafetensorsReader(files)
     names = ", ".join(f.name for f in reader.files)
     params = _flat_params(abstract)
     plan: dict[tuple[Any, ...], tuple[str, Callable[[np.ndarray], np.ndarray]]] = {}
@@ -168,11 +168,11 @@ def convert_checkpoint(
     )
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s): {_some(missing)}")
+        problems.append(f"{len(missing)} missing key(s): {abbreviated(missing)}")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_some(mismatched)}")
+        problems.append(f"{len(mismatched)} shape mismatch(es): {abbreviated(mismatched)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_some(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected key(s): {abbreviated(unexpected)}")
     if problems:
         raise CheckpointError(
             f"{names} does not match the model built from its config.json: " + "; ".join(problems)
@@ -192,7 +192,7 @@ def convert_checkpoint(
     if bad:
         raise CheckpointError(
             f"{', '.join(sorted({str(reader.where[k]) for k, _ in bad}))} holds non-finite weights (NaN or Inf) in "
-            f"{len(bad)} tensor(s): {_some([text for _, text in bad])}. The file is corrupt or was saved from a "
+            f"{len(bad)} tensor(s): {abbreviated([text for _, text in bad])}. The file is corrupt or was saved from a "
             "diverged model: delete it and download it again."
         )
     return arrays
@@ -208,7 +208,8 @@ def _torch_shape(shape: Sequence[int], path: Sequence[Any]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _some(items: Sequence[str], n: int = 8) -> str:
+def abbreviated(items: Sequence[str], n: int = 8) -> str:
+    """The first ``n`` of ``items``, comma-separated, and how many more there are (for error messages)."""
     shown = ", ".join(items[:n])
     return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
@@ -320,13 +321,13 @@ def abstract_module(cfg: UNetConfig | VAEEncoderConfig) -> tuple[nnx.GraphDef, n
     """Shapes-only (graphdef, state) of the module a config describes, memoised per config.
 
     Tracing every initializer under ``nnx.eval_shape`` takes about a second for an SDXL UNet (with
-    ``_host_counted_rngs``); loading the same architecture again reuses it.
+    ``host_counted_rngs``); loading the same architecture again reuses it.
     """
     cls = UNet2DConditionModel if isinstance(cfg, UNetConfig) else VAEEncoder
-    return nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=_host_counted_rngs())))
+    return nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=host_counted_rngs())))
 
 
-def _host_counted_rngs(seed: int = 0) -> nnx.Rngs:
+def host_counted_rngs(seed: int = 0) -> nnx.Rngs:
     """``nnx.Rngs`` whose draw counter is a host numpy scalar, for building modules under ``nnx.eval_shape``.
 
     Every parameter draw increments the counter. A traced counter costs a scan of the whole trace so far per

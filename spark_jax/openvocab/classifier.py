@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spark_jax.data.preprocess import _nearest_index  # torch's nearest-exact source indices (float32, as torch)
+from spark_jax.data.preprocess import nearest_index  # torch's nearest-exact source indices (float32, as torch)
 from spark_jax.graph.affinity import l2_normalize
 from spark_jax.masks.resample import bilinear_matrix
 from spark_jax.openvocab.prompts import IMAGENET_TEMPLATES, parse_class_names
@@ -301,7 +301,7 @@ def label_segments(
     dense = dense.astype(jnp.float32)
 
     # On the dense grid: nearest-exact resize of the id map (= of every binary mask), then masked sums.
-    seg_grid = jnp.take(jnp.take(segments, _nearest_index(mh, gh, True), axis=1), _nearest_index(mw, gw, True), axis=2)
+    seg_grid = jnp.take(jnp.take(segments, nearest_index(mh, gh, True), axis=1), nearest_index(mw, gw, True), axis=2)
     onehot_grid = jax.nn.one_hot(seg_grid, num_segments, dtype=jnp.float32)  # [B, gh, gw, S]
     area_grid = jnp.sum(onehot_grid, axis=(1, 2))
     pooled_grid = jnp.einsum("bhws,bhwd->bsd", onehot_grid, dense, precision=_PRECISION)
