@@ -93,7 +93,8 @@ def _given(expected: np.ndarray, result: np.ndarray) -> Callable[[np.ndarray], n
 
     def refine(pred: np.ndarray) -> np.ndarray:
         if not np.array_equal(pred, expected):  # a scoring change that moved the refinement's input
-            raise AssertionError("the map handed to refinement is not the one refined in the batch")
+            raise RuntimeError("score_batch: the map handed to refinement is not the one refined in the batch (an "
+                               "internal inconsistency of the scoring order; please report it)")
         return result
 
     return refine
