@@ -4,12 +4,11 @@ Specification: a batch is padded to a multiple of the device count with masked c
 registered method, and the backbones, keep the batch split over the devices inside jit (their compiled programs
 gather nothing) and give the labels of a single-device run image for image; so does the runner on the demo.
 
-The module is meant to run in its own process with several simulated CPU devices; .ci/run runs it twice::
+The module is meant to run in its own process with several simulated CPU devices, as .ci/run runs it::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 .venv-test/bin/python -m pytest tests/test_sharding.py -q
-    XLA_FLAGS=--xla_force_host_platform_device_count=1 .venv-test/bin/python -m pytest tests/test_sharding.py -q
 
-In the default suite (one device) the same tests compare a one-device mesh with the plain programs.
+In the default suite (one device) its fast tests compare a one-device mesh with the plain programs.
 """
 
 from __future__ import annotations
