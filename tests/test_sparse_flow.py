@@ -222,6 +222,25 @@ def test_vmaps_with_per_member_iteration_counts():
         np.testing.assert_allclose(batched.flow.values[i], single.flow.values, atol=1e-6)
 
 
+def test_with_the_sketch_on_vmapped_members_run_one_by_one_with_their_own_branches():
+    # A batched lax.cond becomes a select that runs both expansions (the dense N^3 one too) for every member; with
+    # the sketch on, a vmap runs the members one after another instead, each choosing its own branch.
+    s = np.stack([_planted_s(side=16, seed=i, noise=0.3)[0] for i in range(2)])
+    flow = lambda x: sf.sparse_markov_flow(x, keep=16, keep_final=16, rank=16, inflation=1.8)  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(jax.vmap(flow))(s))
+    assert "cond[" in jaxpr
+    batched = jax.jit(jax.vmap(flow))(s)
+    for i in range(2):
+        single = jax.jit(flow)(s[i])
+        assert int(single.lowrank_iters) > 0  # the sketch did take over
+        for name in ("num_iters", "dense_iters", "lowrank_iters"):
+            assert int(getattr(batched, name)[i]) == int(getattr(single, name)), name
+        np.testing.assert_array_equal(batched.flow.columns[i], single.flow.columns)
+        np.testing.assert_allclose(batched.flow.values[i], single.flow.values, atol=1e-6)
+    # With the sketch off (N < 16 r) nothing is chosen per member: the vmap batches the members.
+    assert "cond[" not in str(jax.make_jaxpr(jax.vmap(lambda x: sf.sparse_markov_flow(x, keep=16, rank=128)))(s))
+
+
 def test_cap_and_nan_input_report_unconverged():
     s, _ = _planted_s(side=8)
     capped = _sparse_flow(s, keep=4, inflation=1.8, max_iter=3)

@@ -41,6 +41,8 @@ column-stochastic, so its column pruning is our row pruning.
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
 import jax
@@ -266,9 +268,10 @@ def sparse_markov_flow(
         flow; in [0, 1): 0 starts sparse at P_0 = Select_k(S), values near 1 wait until the rows are (almost)
         exactly k-sparse.
       rank: r, the sketch size of the dense phase's low-rank expansion (static); 0, or N < 16 r
-        (`LOWRANK_MIN_RATIO`), squares densely throughout.
-        Under vmap both expansions run (the choice is `lax.cond` on each member's data), so batch with
-        `lax.map` to gain from it.
+        (`LOWRANK_MIN_RATIO`), squares densely throughout. While it is on, a vmap of this function runs its members
+        one after another (`jax.custom_batching.sequential_vmap`): each iteration chooses its expansion (and skips
+        the switch test) with `lax.cond` on the member's own data, and a batched cond would run both branches for
+        every member, the dense N^3 squaring included.
       rank_tol: a dense-phase iteration expands through the rank-r sketch when ||P - P V V^T||_inf is below
         this (its error bound in Eq. 8's infinity norm); in [0, 2]. 0 never does.
       recovery: mcl's recovery number (static); 0 (off) keeps the dense form's pruning. See
@@ -282,11 +285,24 @@ def sparse_markov_flow(
     """
     s = s.astype(jnp.float32)
     n = s.shape[-1]
-    k = min(keep, n)
-
     # P^1 needs no expansion; below N = 16 r the sketch's own N^2 r passes cost more than they save (measured:
     # r = 128 at N = 1024 made the flow 1.1-1.3x slower than squaring densely).
     rank = rank if expansion > 1 and n >= LOWRANK_MIN_RATIO * rank else 0
+    flow = functools.partial(_sparse_markov_flow, keep=keep, keep_final=keep_final, rank=rank, recovery=recovery,
+                             expansion=expansion, max_iter=max_iter, norm=norm, precision=precision)
+    if rank:
+        flow = jax.custom_batching.sequential_vmap(flow)
+    leaves = (switch_mass, rank_tol, recovery_mass, inflation, prune_threshold, tol)
+    return flow(s, *(jnp.asarray(x, jnp.float32) for x in leaves))
+
+
+def _sparse_markov_flow(s, switch_mass, rank_tol, recovery_mass, inflation, prune_threshold, tol, *, keep: int,
+                        keep_final: int, rank: int, recovery: int, expansion: int, max_iter: int, norm: MclNorm,
+                        precision) -> SparseFlowResult:
+    """`sparse_markov_flow` with its numeric settings as arrays (positional: what `sequential_vmap` maps over) and
+    ``rank`` already resolved (0: no sketch)."""
+    n = s.shape[-1]
+    k = min(keep, n)
 
     # A strided sample of rows decides first whether the (N^2 r) residual of every row can pass: its residual
     # is a lower bound of the whole one (a max over fewer rows), so a failing sample skips it exactly.

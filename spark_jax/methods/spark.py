@@ -251,7 +251,9 @@ def segment_tokens_batch(features: jax.Array, cfg: SparkConfig, chunk_size: int 
       chunk_size: images processed together (static). None vmaps the whole batch: the right
         choice on accelerators. A vmapped `while_loop` runs until its slowest member converges,
         so on a CPU, where batching buys no parallelism, `chunk_size=1` (one image at a time,
-        each with its own iteration count) is faster. Results are the same either way.
+        each with its own iteration count) is faster. Results are the same either way. (`flow='sparse'`
+        with its low-rank sketch on runs the Markov flow of a vmapped batch one image at a time anyway:
+        `graph.sparse_flow.sparse_markov_flow`'s `rank`.)
 
     Raises:
       ValueError: as `segment_tokens`, for features [B, h, w, C]; chunk_size not None or an int >= 1.
