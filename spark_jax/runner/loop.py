@@ -228,7 +228,7 @@ def _batch_loop(cfg: RunConfig, ds: Dataset, bb: ResolvedBackbone, resolution: i
                                                  class_probs=None if clip is None else clip[1])
         t = time.perf_counter()
         if open_vocab is not None and open_vocab.label_with == "clip":  # segments -> PAMR -> CLIP's class names
-            labels = open_vocab.name_segments(labels, images, clip[0], refiner)
+            labels = open_vocab.name_segments(labels, images, clip[0], refiner, mesh, method.slots)
         scores = score_batch(state.evaluator, [s.image_id for s in batch.samples], list(labels), batch.labels,
                              scoring_refiner, images, class_ids=open_vocab is not None)
         state.timing["score"] += time.perf_counter() - t

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spark_jax import sharding
 from spark_jax.backbones.checkpoint import CheckpointError, default_cache_dir
 from spark_jax.backbones.clip import load_clip, resolve_clip
 from spark_jax.data import Dataset
@@ -98,7 +99,17 @@ def _encode(model, clf: TextClassifier, images: jax.Array, mean: jax.Array, std:
     return dense, class_probabilities(dense, clf)
 
 
-_label_jit = jax.jit(label_segments, static_argnames=("num_segments", "logit_scale"))
+@functools.lru_cache(maxsize=16)
+def _label_program(mesh: jax.sharding.Mesh, num_segments: int):
+    """``label_segments`` on each device's images (``sharding.per_device``), one program per process for each
+    (mesh, segment capacity)."""
+
+    def label(batch, params):
+        segments, dense = batch
+        classifier, threshold = params
+        return label_segments(segments, dense, classifier, num_segments=num_segments, background_threshold=threshold)
+
+    return jax.jit(sharding.per_device(label, mesh))
 
 
 @dataclasses.dataclass
@@ -140,19 +151,19 @@ class OpenVocab:
         return _encode(self.clip.model, self.classifier, prepared, mean, std, cfg=self.dense,
                        side=self.clip_resolution)
 
-    def name_segments(self, segments: np.ndarray, images: jax.Array, dense: jax.Array,
-                      refiner: BatchRefiner | None) -> np.ndarray:
+    def name_segments(self, segments: np.ndarray, images: jax.Array, dense: jax.Array, refiner: BatchRefiner | None,
+                      mesh: jax.sharding.Mesh, slots: int) -> np.ndarray:
         """``--label_with=clip``: segments [n, m, m] (any ids) -> class ids [n, m, m]: PAMR on each image's
         segments (``refiner``, on the batch's prepared ``images``; None: ``--nopamr``), then CLIP mask pooling
-        of ``dense`` [slots, ...] (the rows past n are padding)."""
+        of ``dense`` [slots, ...] (rows past n are padding), each device naming its own images."""
         segments = [contiguous(seg) for seg in np.asarray(segments)]
         if refiner is not None:
             segments = [contiguous(seg) for seg in refiner(images, segments)]
         refined = np.stack(segments).astype(np.int32)
         capacity = label_capacity(int(refined.max()) + 1)  # power-of-two buckets: few compilations
-        ids = _label_jit(jnp.asarray(refined), dense[: len(refined)], self.classifier, num_segments=capacity,
-                         background_threshold=jnp.float32(self.background_threshold))
-        return np.asarray(ids)
+        batch = (sharding.put_rows(refined, slots, mesh), sharding.put_rows(dense, slots, mesh))
+        ids = _label_program(mesh, capacity)(batch, (self.classifier, jnp.float32(self.background_threshold)))
+        return np.asarray(ids)[: len(refined)]
 
     def identity(self) -> dict[str, Any]:
         """What the run's results depend on beyond ``RunConfig`` (``run_config.json``: a resume with another CLIP
