@@ -203,8 +203,8 @@ def test_pamr_refines_each_devices_images_to_the_one_by_one_labels(keep_ids):
         want = np.asarray(one(small, jnp.asarray(ranks.reshape(m.shape), jnp.int32), label_capacity(ids.size), cfg))
         np.testing.assert_array_equal(g, ids[want] if keep_ids else want)
     assert len({np.unique(m).size for m in maps}) > 2  # the images needed different slot counts
-    batch = tuple(sharding.put_batch(x, mesh) for x in sharding.pad_rows(images, slots)[:1] +
-                  (sharding.pad_rows(np.zeros((n, MASK, MASK), np.int32), slots)[0],))
+    batch = (sharding.put_rows(images, slots, mesh),
+             sharding.put_rows(np.zeros((n, MASK, MASK), np.int32), slots, mesh))
     text = _refine_program(cfg, mesh, 32, MASK, MASK).lower(batch, ()).compile().as_text()
     assert not [c for c in COLLECTIVES if c in text], "PAMR's devices communicate"
 

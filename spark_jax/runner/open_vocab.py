@@ -156,10 +156,10 @@ class OpenVocab:
         """``--label_with=clip``: segments [n, m, m] (any ids) -> class ids [n, m, m]: PAMR on each image's
         segments (``refiner``, on the batch's prepared ``images``; None: ``--nopamr``), then CLIP mask pooling
         of ``dense`` [slots, ...] (rows past n are padding), each device naming its own images."""
-        segments = [contiguous(seg) for seg in np.asarray(segments)]
-        if refiner is not None:
-            segments = [contiguous(seg) for seg in refiner(images, segments)]
-        refined = np.stack(segments).astype(np.int32)
+        segments = list(np.asarray(segments))
+        if refiner is not None:  # it ranks the ids itself
+            segments = refiner(images, segments)
+        refined = np.stack([contiguous(seg) for seg in segments]).astype(np.int32)
         capacity = label_capacity(int(refined.max()) + 1)  # power-of-two buckets: few compilations
         batch = (sharding.put_rows(refined, slots, mesh), sharding.put_rows(dense, slots, mesh))
         ids = _label_program(mesh, capacity)(batch, (self.classifier, jnp.float32(self.background_threshold)))
